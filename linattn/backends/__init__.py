@@ -1,0 +1,105 @@
+"""Backends: how the reference's primitives run on a device.
+
+A :class:`Backend` names an array library it accepts and may supply fast kernels for
+named primitives; a method asks its backend for a kernel and falls back to the
+reference code (which is written against the array API and so runs on any backend)
+when the backend has none. Methods never re-implement math per backend.
+
+``backend=None`` follows the input arrays: NumPy arrays run on the ``"numpy"`` backend,
+and arrays of any other array-API library that no registered backend claims run on the
+``"reference"`` backend, which is the same reference code with no kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from linattn.backends.numpy_backend import NUMPY_BACKEND
+
+__all__ = ["Backend", "available_backends", "get_backend", "register_backend", "resolve_backend"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A device backend.
+
+    Parameters
+    ----------
+    name : str
+        The name users pass as ``backend=``.
+    accepts : callable
+        ``accepts(xp) -> bool``: whether arrays of namespace ``xp`` run on this backend.
+    kernels : mapping of str to callable, optional
+        Fast implementations of primitives, by primitive name.
+    """
+
+    name: str
+    accepts: Callable[[Any], bool]
+    kernels: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+
+    def kernel(self, primitive: str) -> Callable[..., Any] | None:
+        """Return this backend's kernel for ``primitive``, or None to use the reference."""
+        return self.kernels.get(primitive)
+
+
+REFERENCE_BACKEND = Backend(name="reference", accepts=lambda xp: True)
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Register ``backend`` under its name (replacing any backend of that name)."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a linattn.backends.Backend, got {type(backend).__name__}")
+    _REGISTRY[backend.name] = backend
+
+
+def available_backends() -> Mapping[str, Backend]:
+    """Return the registered backends by name (a read-only view)."""
+    return MappingProxyType(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """Return the backend registered as ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"backend must be one of {sorted(_REGISTRY)} or None, got {name!r}") from None
+
+
+def resolve_backend(backend: str | None, xp: Any) -> Backend:
+    """Return the backend that runs arrays of namespace ``xp``.
+
+    Parameters
+    ----------
+    backend : str or None
+        A registered name, or None to follow the arrays.
+    xp : module
+        The inputs' array namespace.
+
+    Raises
+    ------
+    ValueError
+        If ``backend`` is unknown or does not accept arrays of ``xp``.
+    """
+    if backend is None:
+        for candidate in _REGISTRY.values():
+            if candidate is not REFERENCE_BACKEND and candidate.accepts(xp):
+                return candidate
+        return REFERENCE_BACKEND
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
+    chosen = get_backend(backend)
+    if not chosen.accepts(xp):
+        raise ValueError(
+            f"backend={backend!r} does not run arrays of {getattr(xp, '__name__', xp)!s}; "
+            "move the inputs to that library first, or pass backend=None to follow the inputs"
+        )
+    return chosen
+
+
+register_backend(REFERENCE_BACKEND)
+register_backend(Backend(**NUMPY_BACKEND))
