@@ -7,6 +7,7 @@ shape or value it received. Nothing here broadcasts, truncates or repairs an inp
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Sequence
@@ -113,9 +114,18 @@ def check_scale(scale: float | None, key_dim: int) -> float:
     """Return ``scale``, defaulting to 1/sqrt(Dk); it must be a finite real number."""
     if scale is None:
         return 1.0 / math.sqrt(key_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
     return float(scale)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value``, raising TypeError unless it is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def check_nonnegative_int(name: str, value: Any) -> int:
@@ -217,7 +227,7 @@ def check_cu_seqlens(cu_seqlens: Any, shapes: AttentionShapes) -> tuple[int, ...
         raise ValueError(f"cu_seqlens must hold at least two offsets (N+1 for N sequences), got {offsets}")
     if offsets[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {offsets}")
-    if any(b < a for a, b in zip(offsets, offsets[1:])):
+    if any(b < a for a, b in itertools.pairwise(offsets)):
         raise ValueError(f"cu_seqlens must be non-decreasing, got {offsets}")
     if offsets[-1] != shapes.q_len:
         raise ValueError(f"cu_seqlens must end at the packed length T={shapes.q_len}, got {offsets}")

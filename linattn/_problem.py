@@ -17,6 +17,7 @@ everything, the tiled forms for one tile at a time, so the masking rules exist o
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -121,16 +122,17 @@ class SoftmaxProblem:
         q = self.q[..., q_lo:q_hi, :]
         k = self.k[..., k_lo:k_hi, :]
         s = xp.matmul(q, xp.matrix_transpose(k)) * self.scale
-        device = array_api_compat.device(s)
-        q_pos = xp.arange(q_lo + self.offset, q_hi + self.offset, device=device)
-        k_pos = xp.arange(k_lo, k_hi, device=device)
-        distance = xp.reshape(q_pos, (-1, 1)) - xp.reshape(k_pos, (1, -1))  # p_i - j
         visible = None
 
         def restrict(cond: Any) -> None:
             nonlocal visible
             visible = cond if visible is None else xp.logical_and(visible, cond)
 
+        if self.causal or self.window is not None or self.alibi is not None:
+            device = array_api_compat.device(s)
+            q_pos = xp.arange(q_lo + self.offset, q_hi + self.offset, device=device)
+            k_pos = xp.arange(k_lo, k_hi, device=device)
+            distance = xp.reshape(q_pos, (-1, 1)) - xp.reshape(k_pos, (1, -1))  # p_i - j
         if self.causal:
             restrict(distance >= 0)
         if self.window is not None:
@@ -179,10 +181,10 @@ class SoftmaxProblem:
         if self.cu_seqlens is None:
             return fn(self, *per_query)
         parts = []
-        for lo, hi in zip(self.cu_seqlens, self.cu_seqlens[1:]):
+        for lo, hi in itertools.pairwise(self.cu_seqlens):
             extras = [x[..., lo:hi, :] for x in per_query]
             parts.append(fn(self.segment(lo, hi), *extras))
-        return tuple(self.xp.concat(list(results), axis=TIME_AXIS) for results in zip(*parts))
+        return tuple(self.xp.concat(list(results), axis=TIME_AXIS) for results in zip(*parts, strict=True))
 
     def empty_result(self) -> tuple[Any, Any]:
         """Output and lse of queries that see no key: zeros and -inf."""
@@ -216,7 +218,7 @@ class SoftmaxProblem:
 
     def grouped_query_like(self, name: str, x: Any, dim: int) -> Any:
         """Check that ``x`` has the shape of the output (B, T, Hq, dim) and group it."""
-        _checks.require_array(name, x)
+        _checks.namespace_of(q=self.q, **{name: x})
         s = self.shapes
         expected = (
             (s.batch, s.q_len, s.q_heads, dim) if self.layout == "bthd" else (s.batch, s.q_heads, s.q_len, dim)
@@ -228,7 +230,7 @@ class SoftmaxProblem:
 
     def grouped_lse(self, lse: Any) -> Any:
         """Check that ``lse`` is (B, Hq, T) and return it as (B, Hkv, G, T, 1)."""
-        _checks.require_array("lse", lse)
+        _checks.namespace_of(q=self.q, lse=lse)
         s = self.shapes
         expected = (s.batch, s.q_heads, s.q_len)
         if tuple(lse.shape) != expected:
@@ -267,11 +269,10 @@ def prepare(
 ) -> SoftmaxProblem:
     """Check every argument of a softmax-attention call and build its :class:`SoftmaxProblem`."""
     layout = _checks.check_layout(layout)
-    xp = _checks.namespace_of(q=q, k=k, v=v)
+    xp = _checks.namespace_of(q=q, k=k, v=v, mask=mask, alibi_slopes=alibi_slopes)
     chosen = resolve_backend(backend, xp)
     shapes = _checks.check_qkv(q, k, v, layout, xp)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    _checks.check_bool("causal", causal)
     scale = _checks.check_scale(scale, shapes.key_dim)
     window = _checks.check_window(window)
     offsets = _checks.check_cu_seqlens(cu_seqlens, shapes)

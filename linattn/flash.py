@@ -137,10 +137,12 @@ def flash_attention(
 
     Parameters
     ----------
-    q, k, v, causal, scale, mask, window, alibi_slopes, layout, cu_seqlens, backend
+    q, k, v, causal, scale, mask, window, alibi_slopes, layout, cu_seqlens
         As in :func:`linattn.softmax_attention`.
     block_q, block_k : int, default 64
         Tile sizes (>= 1; a tile larger than T or S is one tile).
+    backend : str, optional
+        As in :func:`linattn.softmax_attention`.
 
     Returns
     -------
@@ -200,7 +202,7 @@ def flash_attention_backward(
     block_k: int = 64,
     backend: str | None = None,
 ) -> tuple[Any, Any, Any]:
-    r"""Gradients of softmax attention by the tiled backward pass of FlashAttention-2.
+    r"""Compute the gradients of softmax attention by the tiled backward pass of FlashAttention-2.
 
     From the forward's o and lse, without storing P: with D = rowsum(dO ⊙ O), for every
     key tile j and query tile i,
@@ -228,10 +230,12 @@ def flash_attention_backward(
         The forward's log-sum-exp.
     do : array, shape (B, T, Hq, Dv)
         Cotangent of o.
-    causal, scale, mask, window, alibi_slopes, layout, cu_seqlens, backend
+    causal, scale, mask, window, alibi_slopes, layout, cu_seqlens
         As in the forward; they must be the forward's.
     block_q, block_k : int, default 64
         Tile sizes.
+    backend : str, optional
+        As in the forward.
 
     Returns
     -------

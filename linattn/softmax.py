@@ -102,7 +102,7 @@ def softmax_attention(
         ``(left, right)``: key j visible to query i iff p_i − left ≤ j ≤ p_i + right;
         None leaves that side unbounded.
     alibi_slopes : array, shape (Hq,), optional
-        ALiBi slopes (see :func:`alibi_slopes`); adds −slope·|p_i − j| to the logits.
+        ALiBi slopes (see :func:`alibi_slopes`); adds :math:`-m_h |p_i - j|` to the logits.
     layout : {"bthd", "bhtd"}, default "bthd"
         Axis order of q, k, v and the output.
     cu_seqlens : array or sequence of int, shape (N+1,), optional
@@ -150,6 +150,7 @@ def softmax_attention(
         q, k, v, causal=causal, scale=scale, mask=mask, window=window, alibi_slopes=alibi_slopes,
         layout=layout, cu_seqlens=cu_seqlens, backend=backend,
     )
+    _checks.check_bool("return_lse", return_lse)
     o, lse = problem.map_segments(_forward)
     if return_lse:
         return problem.output(o), problem.lse_output(lse)
@@ -171,7 +172,7 @@ def softmax_attention_vjp(
     cu_seqlens: Any = None,
     backend: str | None = None,
 ) -> tuple[Any, Any, Any]:
-    r"""Gradients of :func:`softmax_attention` w.r.t. q, k, v, by the direct formula.
+    r"""Compute the gradients of :func:`softmax_attention` w.r.t. q, k, v by the direct formula.
 
     With P the attention probabilities of the forward pass and dO the cotangent of o,
 

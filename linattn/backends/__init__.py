@@ -41,7 +41,17 @@ class Backend:
     kernels: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
 
     def kernel(self, primitive: str) -> Callable[..., Any] | None:
-        """Return this backend's kernel for ``primitive``, or None to use the reference."""
+        """Return this backend's kernel for ``primitive``, or None to use the reference.
+
+        Parameters
+        ----------
+        primitive : str
+            The primitive's name.
+
+        Returns
+        -------
+        callable or None
+        """
         return self.kernels.get(primitive)
 
 
@@ -51,19 +61,51 @@ _REGISTRY: dict[str, Backend] = {}
 
 
 def register_backend(backend: Backend) -> None:
-    """Register ``backend`` under its name (replacing any backend of that name)."""
+    """Register ``backend`` under its name, replacing any backend of that name.
+
+    Parameters
+    ----------
+    backend : Backend
+        The backend to register.
+
+    Raises
+    ------
+    TypeError
+        If ``backend`` is not a :class:`Backend`.
+    """
     if not isinstance(backend, Backend):
         raise TypeError(f"backend must be a linattn.backends.Backend, got {type(backend).__name__}")
     _REGISTRY[backend.name] = backend
 
 
 def available_backends() -> Mapping[str, Backend]:
-    """Return the registered backends by name (a read-only view)."""
+    """Return the registered backends by name.
+
+    Returns
+    -------
+    Mapping of str to Backend
+        A read-only view of the registry.
+    """
     return MappingProxyType(_REGISTRY)
 
 
 def get_backend(name: str) -> Backend:
-    """Return the backend registered as ``name``."""
+    """Return the backend registered as ``name``.
+
+    Parameters
+    ----------
+    name : str
+        A registered backend name, e.g. ``"numpy"``.
+
+    Returns
+    -------
+    Backend
+
+    Raises
+    ------
+    ValueError
+        If no backend of that name is registered.
+    """
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -79,6 +121,10 @@ def resolve_backend(backend: str | None, xp: Any) -> Backend:
         A registered name, or None to follow the arrays.
     xp : module
         The inputs' array namespace.
+
+    Returns
+    -------
+    Backend
 
     Raises
     ------

@@ -1,0 +1,177 @@
+"""Side-by-side comparison of attention methods: error against exact softmax, time, memory.
+
+Methods take part through :func:`register_method`; each family's module registers its
+own, so ``linattn compare`` grows with the library and knows nothing about any method.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import tracemalloc
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from linattn.flash import flash_attention
+from linattn.softmax import softmax_attention
+
+__all__ = ["CompareRow", "ComparedMethod", "compared_methods", "format_table", "register_method", "run_compare"]
+
+
+@dataclass(frozen=True)
+class ComparedMethod:
+    """A method as ``linattn compare`` runs it.
+
+    Attributes
+    ----------
+    name : str
+        The name shown and accepted by ``--methods``.
+    run : callable
+        ``run(q, k, v, causal=..., backend=...) -> o`` on (B, T, H, D) arrays.
+    description : str
+        One line for ``linattn compare --list``.
+    """
+
+    name: str
+    run: Callable[..., Any]
+    description: str
+
+
+_METHODS: dict[str, ComparedMethod] = {}
+
+
+def register_method(name: str, run: Callable[..., Any], *, description: str) -> None:
+    """Make ``run`` available to ``linattn compare`` under ``name``."""
+    _METHODS[name] = ComparedMethod(name=name, run=run, description=description)
+
+
+def compared_methods() -> dict[str, ComparedMethod]:
+    """The registered methods, by name, in registration order."""
+    return dict(_METHODS)
+
+
+register_method(
+    "softmax",
+    lambda q, k, v, **kw: softmax_attention(q, k, v, **kw),
+    description="exact softmax attention, direct definition (O(T·S) memory)",
+)
+register_method(
+    "flash",
+    lambda q, k, v, **kw: flash_attention(q, k, v, **kw)[0],
+    description="exact softmax attention, FlashAttention-2 tiles of 64 (O(T) memory)",
+)
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """One measurement: a method at one sequence length."""
+
+    method: str
+    length: int
+    rel_error: float
+    seconds: float
+    peak_bytes: int
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _peak_bytes(fn: Callable[[], Any]) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def run_compare(
+    lengths: Sequence[int],
+    *,
+    dim: int = 64,
+    heads: int = 4,
+    batch: int = 1,
+    dtype: str = "float32",
+    causal: bool = True,
+    methods: Iterable[str] | None = None,
+    repeats: int = 3,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[CompareRow]:
+    """Measure each method at each length against exact softmax computed in float64.
+
+    The relative error is ||o − o_ref||_F / ||o_ref||_F, with o_ref the float64 softmax
+    of the same (rounded) inputs; the time is the best of ``repeats`` calls; the peak
+    memory is the largest amount traced by :mod:`tracemalloc` during one call (NumPy
+    reports its array buffers there), beyond what existed before the call.
+
+    Parameters
+    ----------
+    lengths : sequence of int
+        Sequence lengths T (= S).
+    dim, heads, batch : int
+        D (= Dk = Dv), H and B.
+    dtype : str
+        Input dtype ("float16", "float32" or "float64").
+    causal : bool
+        Causal attention.
+    methods : iterable of str, optional
+        Registered method names; all by default.
+    repeats : int
+        Timed calls per measurement.
+    seed : int
+        Seed of the random inputs (standard normal).
+    progress : callable, optional
+        Called with a label before each measurement.
+
+    Returns
+    -------
+    list of CompareRow
+    """
+    registry = compared_methods()
+    names = list(registry) if methods is None else list(methods)
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise ValueError(f"methods must be among {list(registry)}, got unknown {unknown}")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for length in lengths:
+        q, k, v = (rng.standard_normal((batch, length, heads, dim)).astype(dtype) for _ in range(3))
+        exact = softmax_attention(*(x.astype(np.float64) for x in (q, k, v)), causal=causal)
+        norm = float(np.linalg.norm(exact))
+        for name in names:
+            if progress is not None:
+                progress(f"{name} T={length}")
+            call = functools.partial(registry[name].run, q, k, v, causal=causal)
+
+            o = np.asarray(call(), dtype=np.float64)
+            rel_error = float(np.linalg.norm(o - exact)) / norm if norm > 0 else 0.0
+            rows.append(CompareRow(name, int(length), rel_error, _timed(call, repeats), _peak_bytes(call)))
+    return rows
+
+
+def format_table(rows: Sequence[CompareRow]) -> str:
+    """Render rows as a fixed-width text table."""
+    header = f"{'method':<12} {'T':>7} {'rel. error':>11} {'time (ms)':>11} {'peak memory (MiB)':>18}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.method:<12} {r.length:>7d} {r.rel_error:>11.2e} {r.seconds * 1e3:>11.2f} "
+            f"{r.peak_bytes / 2**20:>18.2f}"
+        )
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: Sequence[CompareRow], settings: dict[str, Any]) -> str:
+    """Serialise rows and the settings that produced them."""
+    return json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]}, indent=2)

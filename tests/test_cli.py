@@ -1,0 +1,227 @@
+"""Tests of the ``linattn`` command line: ``linattn compare`` and its progress bar."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from linattn.cli import Progress, main
+
+SMALL = ["--dim", "8", "--heads", "2", "--repeats", "1"]
+
+
+def table_rows(stdout: str) -> dict[tuple[str, int], float]:
+    """The (method, T) -> relative error entries of the table ``linattn compare`` prints."""
+    rows = {}
+    for line in stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 5 and fields[1].isdigit():
+            rows[(fields[0], int(fields[1]))] = float(fields[2])
+    return rows
+
+
+# ---- linattn compare ----
+
+
+def test_compare_prints_a_row_per_method_and_length(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--lengths", "16,32", *SMALL]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert {("softmax", 16), ("softmax", 32), ("flash", 16), ("flash", 32)} <= set(rows)
+
+
+def test_compare_errors_in_float32_are_at_rounding_level(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["compare", "--lengths", "16,32", *SMALL])
+    rows = table_rows(capsys.readouterr().out)
+    # float32 computation against float64 on the same rounded inputs: ~eps32·sqrt(T) ≈ 7e-7.
+    assert all(rows[(method, n)] < 1e-5 for method in ("softmax", "flash") for n in (16, 32))
+
+
+def test_compare_errors_in_float64_are_at_rounding_level(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--lengths", "16,32", "--dtype", "float64", *SMALL]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    # float64 against float64: only the tiles' summation order differs, ~eps64·sqrt(T) ≈ 1e-15.
+    assert all(rows[(method, n)] < 1e-12 for method in ("softmax", "flash") for n in (16, 32))
+
+
+def test_compare_accepts_space_separated_lengths(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--lengths", "16", "32", "--methods", "flash", *SMALL]) == 0
+    assert set(table_rows(capsys.readouterr().out)) == {("flash", 16), ("flash", 32)}
+
+
+def test_compare_header_states_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["compare", "--lengths", "8", "--methods", "softmax", "--non-causal", *SMALL])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "H=2" in header
+    assert "D=8" in header
+    assert "non-causal" in header
+
+
+def test_compare_unknown_method_exits_2_naming_the_known_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--lengths", "8", "--methods", "nope", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err
+    assert "softmax" in err
+    assert "flash" in err
+
+
+@pytest.mark.parametrize("option", ["--dim", "--heads", "--batch", "--repeats"])
+def test_compare_non_positive_size_exits_2_naming_the_option(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = dict(zip(SMALL[::2], SMALL[1::2], strict=True))
+    args[option] = "0"
+    assert main(["compare", "--lengths", "8", *(x for item in args.items() for x in item)]) == 2
+    assert option in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lengths", ["0", "8,-4"])
+def test_compare_non_positive_length_is_an_argparse_error(lengths: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--lengths", lengths, *SMALL])
+    assert info.value.code == 2
+    assert "--lengths" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lengths", ["abc", "8.5"])
+def test_compare_non_integer_length_is_an_argparse_error(lengths: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--lengths", lengths, *SMALL])
+    assert info.value.code == 2
+
+
+def test_compare_without_any_length_is_an_argparse_error() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--lengths", ",", *SMALL])
+    assert info.value.code == 2
+
+
+def test_compare_list_names_every_method(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert {"softmax", "flash"} <= set(names)
+
+
+def test_compare_json_writes_settings_and_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "compare.json"
+    assert main(["compare", "--lengths", "16", "--json", str(path), *SMALL]) == 0
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert set(data) == {"settings", "rows"}
+    assert data["settings"]["lengths"] == [16]
+    assert data["settings"]["dim"] == 8
+    assert {(row["method"], row["length"]) for row in data["rows"]} >= {("softmax", 16), ("flash", 16)}
+    printed = table_rows(capsys.readouterr().out)
+    for row in data["rows"]:
+        # The table prints the error with three significant digits (format .2e).
+        assert row["rel_error"] == pytest.approx(printed[(row["method"], row["length"])], rel=5e-3)
+
+
+def test_compare_without_a_command_is_an_argparse_error() -> None:
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+
+
+def test_python_dash_m_linattn_cli_runs_compare() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "linattn.cli", "compare", "--lengths", "8", "--dim", "4", "--heads", "1",
+         "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "softmax" in result.stdout
+
+
+# ---- Progress ----
+
+
+class FakeStream:
+    """A text stream that records what is written and says whether it is a terminal."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.written: list[str] = []
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.written.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def text(self) -> str:
+        return "".join(self.written)
+
+
+def test_progress_draws_a_bar_on_a_terminal_once_the_delay_has_passed() -> None:
+    stream = FakeStream(tty=True)
+    progress = Progress(2, stream=stream, delay=0.0)
+    progress("softmax T=8")
+    assert "[" in stream.text
+    assert "1/2" in stream.text
+    assert "softmax T=8" in stream.text
+    progress("flash T=8")
+    assert "2/2" in stream.text
+
+
+def test_progress_draws_nothing_before_the_delay() -> None:
+    stream = FakeStream(tty=True)
+    progress = Progress(2, stream=stream, delay=100.0)
+    progress("softmax T=8")
+    progress.close()
+    assert stream.written == []
+
+
+def test_progress_draws_nothing_on_a_non_terminal_stream() -> None:
+    stream = FakeStream(tty=False)
+    progress = Progress(2, stream=stream, delay=0.0)
+    progress("softmax T=8")
+    progress.close()
+    assert stream.written == []
+
+
+def test_progress_force_draws_on_a_non_terminal_stream() -> None:
+    stream = FakeStream(tty=False)
+    Progress(1, stream=stream, delay=0.0, force=True)("x")
+    assert "1/1" in stream.text
+
+
+def test_progress_close_clears_the_line_only_if_the_bar_was_shown() -> None:
+    hidden = FakeStream(tty=True)
+    Progress(2, stream=hidden, delay=100.0).close()
+    assert hidden.written == []
+
+    shown = FakeStream(tty=True)
+    progress = Progress(2, stream=shown, delay=0.0)
+    progress("softmax T=8")
+    before = len(shown.written)
+    progress.close()
+    cleared = "".join(shown.written[before:])
+    assert cleared.startswith("\r")
+    assert cleared.endswith("\r")
+    assert cleared.strip() == ""
+
+
+def test_compare_json_into_a_missing_folder_fails_before_measuring(capsys, tmp_path) -> None:
+    assert main(["compare", "--lengths", "8", *SMALL, "--json", str(tmp_path / "nope" / "x.json")]) == 2
+    assert "--json folder" in capsys.readouterr().err
+
+
+def test_return_lse_must_be_a_bool() -> None:
+    import numpy as np
+
+    import linattn
+
+    q = np.ones((1, 2, 1, 2))
+    with pytest.raises(TypeError, match="return_lse"):
+        linattn.softmax_attention(q, q, q, return_lse=1)
