@@ -34,19 +34,36 @@ class ComparedMethod:
         ``run(q, k, v, causal=..., backend=...) -> o`` on (B, T, H, D) arrays.
     description : str
         One line for ``linattn compare --list``.
+    supports_causal : bool
+        Whether the method has a causal form (Linformer, for one, has none); methods
+        without one are left out of causal comparisons.
     """
 
     name: str
     run: Callable[..., Any]
     description: str
+    supports_causal: bool = True
 
 
 _METHODS: dict[str, ComparedMethod] = {}
 
 
-def register_method(name: str, run: Callable[..., Any], *, description: str) -> None:
-    """Make ``run`` available to ``linattn compare`` under ``name``."""
-    _METHODS[name] = ComparedMethod(name=name, run=run, description=description)
+def register_method(name: str, run: Callable[..., Any], *, description: str, supports_causal: bool = True) -> None:
+    """Make ``run`` available to ``linattn compare`` under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        The name shown in the table and accepted by ``--methods``.
+    run : callable
+        ``run(q, k, v, causal=...) -> o`` on (B, T, H, D) arrays, every other argument
+        fixed (feature counts, seeds) so that runs are repeatable.
+    description : str
+        One line for ``linattn compare --list``.
+    supports_causal : bool, default True
+        False for methods that cannot be causal; they are skipped in causal comparisons.
+    """
+    _METHODS[name] = ComparedMethod(name=name, run=run, description=description, supports_causal=supports_causal)
 
 
 def compared_methods() -> dict[str, ComparedMethod]:
@@ -143,6 +160,11 @@ def run_compare(
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise ValueError(f"methods must be among {list(registry)}, got unknown {unknown}")
+    if causal:
+        acausal = [n for n in names if not registry[n].supports_causal]
+        if methods is not None and acausal:
+            raise ValueError(f"methods {acausal} have no causal form; compare them with --non-causal")
+        names = [n for n in names if registry[n].supports_causal]
     rng = np.random.default_rng(seed)
     rows = []
     for length in lengths:
