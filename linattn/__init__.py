@@ -4,15 +4,30 @@ Every method is defined once against the Python array API and runs on NumPy (and
 any array-API library); :mod:`linattn.testing` compares other implementations with it.
 """
 
+from linattn.cosformer import cosformer_attention, cosformer_attention_vjp
 from linattn.flash import flash_attention, flash_attention_backward
+from linattn.hybrid import hybrid_attention
+from linattn.linear import linear_attention, linear_attention_vjp
+from linattn.performer import performer_attention, performer_attention_vjp
+from linattn.scan import causal_scan, causal_scan_vjp, noncausal_scan
 from linattn.softmax import alibi_slopes, softmax_attention, softmax_attention_vjp
 
 __version__ = "0.1.0"
 
 __all__ = [
     "alibi_slopes",
+    "causal_scan",
+    "causal_scan_vjp",
+    "cosformer_attention",
+    "cosformer_attention_vjp",
     "flash_attention",
     "flash_attention_backward",
+    "hybrid_attention",
+    "linear_attention",
+    "linear_attention_vjp",
+    "noncausal_scan",
+    "performer_attention",
+    "performer_attention_vjp",
     "softmax_attention",
     "softmax_attention_vjp",
 ]

@@ -1,0 +1,513 @@
+r"""The causal linear scan: the one primitive behind every linear-attention method.
+
+For each leading index (batch, head, ...) and time t,
+
+.. math::
+
+    S_t = \big(e^{g^k_t} (e^{g^v_t})^\top\big) \odot S_{t-1} + k_t v_t^\top, \qquad
+    o_t = S_t^\top q_t, \qquad S_{-1} = S_0 \ (\text{the initial state}),
+
+with S_t ∈ R^{Dk×Dv}, the log-decays g^k_t (over Dk, or one scalar per step) and g^v_t
+(over Dv) both ≤ 0 in the models that use them, and absent (= 0, no decay) for the
+Linear Transformer, Performer and cosFormer. The readout is *inclusive*: o_t sees k_t.
+Writing G_t = Σ_{r≤t} g_r for the cumulative log-decays, the same outputs are
+
+.. math::
+
+    o_{t,e} = \sum_{s \le t} \sum_d q_{t,d}\, e^{G^k_{t,d} - G^k_{s,d}} k_{s,d}\;
+              e^{G^v_{t,e} - G^v_{s,e}} v_{s,e}
+            + \sum_d q_{t,d}\, e^{G^k_{t,d}} S_{0,de}\, e^{G^v_{t,e}} .
+
+Three forms compute them and agree to rounding:
+
+- ``parallel``: the double sum above, masked to s ≤ t — the definition; O(T²) memory.
+- ``recurrent``: the loop over t — the RNN form used for decoding; O(T·Dk·Dv) time.
+- ``chunked``: the parallel form inside chunks of ``chunk_size`` steps, plus the state
+  entering each chunk carried from chunk to chunk — O(T·C·D + T·D²) time, O(T·C) memory.
+
+Every exponent above is a difference G_t − G_s with s ≤ t (or G_t itself), so it is ≤ 0
+when the gates are: no form ever computes e^{+G}, and a log-decay of −1e3 underflows to
+0 instead of overflowing. Arrays here are (..., T, D) with the time axis second to last
+and any leading dims, which broadcast: grouped-query heads are a size-1 axis on k and v.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from linattn import _checks
+
+__all__ = ["FORMS", "ScanGradients", "causal_scan", "causal_scan_vjp", "noncausal_scan"]
+
+FORMS = ("parallel", "recurrent", "chunked")
+
+# Elements of the (…, C, C, D) decay tensor a vector-gated chunk may build at once: the
+# chunked form slices the chunk axis so that memory stays bounded at any T.
+_GATED_CHUNK_BUDGET = 1 << 22
+
+
+def _expand(xp: Any, x: Any, axis: int) -> Any:
+    return xp.expand_dims(x, axis=axis)
+
+
+def _cumulative(xp: Any, g: Any | None) -> Any | None:
+    return None if g is None else xp.cumulative_sum(g, axis=-2)
+
+
+def _causal_mask(xp: Any, T: int, device: Any) -> Any:
+    t = xp.arange(T, device=device)
+    return _expand(xp, t, -1) >= _expand(xp, t, 0)  # (T, T): s <= t
+
+
+def _pairwise_decay(xp: Any, G: Any, mask: Any) -> Any:
+    """exp(G_t − G_s) for s <= t and 0 above the diagonal: (..., T, T, D)."""
+    diff = _expand(xp, G, -2) - _expand(xp, G, -3)  # [t, s, d] = G_t − G_s
+    return xp.exp(xp.where(_expand(xp, mask, -1), diff, -math.inf))
+
+
+def _state_readout(xp: Any, q: Any, Gk: Any | None, Gv: Any | None, state: Any) -> Any:
+    """Σ_d q_td e^{Gk_td} S_de e^{Gv_te}: what an incoming state adds to each output."""
+    if Gk is not None:
+        q = q * xp.exp(Gk)
+    o = xp.matmul(q, state)
+    return o if Gv is None else o * xp.exp(Gv)
+
+
+def _parallel(xp: Any, q: Any, k: Any, v: Any, Gk: Any | None, Gv: Any | None) -> tuple[Any, Any]:
+    """Outputs from a zero initial state and the final state, by the double sum.
+
+    Gk, Gv are the *cumulative* log-decays (or None). Returns o (..., T, Dv) and the final
+    state Σ_s (k_s e^{Gk_T − Gk_s})(v_s e^{Gv_T − Gv_s})ᵀ (..., Dk, Dv).
+    """
+    T = q.shape[-2]
+    mask = _causal_mask(xp, T, array_api_compat.device(q))
+    if Gk is None:
+        scores = xp.where(mask, xp.matmul(q, xp.matrix_transpose(k)), 0.0)
+    elif Gk.shape[-1] == 1:  # one decay per step: a (T, T) factor on q·k, still a matmul
+        scores = xp.matmul(q, xp.matrix_transpose(k)) * _pairwise_decay(xp, Gk, mask)[..., 0]
+    else:
+        scores = xp.sum(_expand(xp, q, -2) * _expand(xp, k, -3) * _pairwise_decay(xp, Gk, mask), axis=-1)
+    if Gv is None:
+        o = xp.matmul(scores, v)
+    else:
+        o = xp.sum(_expand(xp, scores, -1) * _expand(xp, v, -3) * _pairwise_decay(xp, Gv, mask), axis=-2)
+    if T == 0:
+        state = xp.matmul(xp.matrix_transpose(k), v)  # zeros of the right shape
+        return o, state
+    k_to_end = k if Gk is None else k * xp.exp(Gk[..., -1:, :] - Gk)
+    v_to_end = v if Gv is None else v * xp.exp(Gv[..., -1:, :] - Gv)
+    return o, xp.matmul(xp.matrix_transpose(k_to_end), v_to_end)
+
+
+def _decay_state(xp: Any, state: Any, Gk_last: Any | None, Gv_last: Any | None) -> Any:
+    """(e^{Gk} e^{Gv}ᵀ) ⊙ S for the total log-decays Gk_last (..., Dk|1), Gv_last (..., Dv)."""
+    if Gk_last is not None:
+        state = state * _expand(xp, xp.exp(Gk_last), -1)
+    if Gv_last is not None:
+        state = state * _expand(xp, xp.exp(Gv_last), -2)
+    return state
+
+
+def _form_parallel(xp, q, k, v, gk, gv, state0, chunk_size):
+    Gk, Gv = _cumulative(xp, gk), _cumulative(xp, gv)
+    o, state = _parallel(xp, q, k, v, Gk, Gv)
+    if state0 is not None:
+        o = o + _state_readout(xp, q, Gk, Gv, state0)
+        last_k = None if Gk is None or q.shape[-2] == 0 else Gk[..., -1, :]
+        last_v = None if Gv is None or q.shape[-2] == 0 else Gv[..., -1, :]
+        state = state + _decay_state(xp, state0, last_k, last_v)
+    return o, state
+
+
+def _form_recurrent(xp, q, k, v, gk, gv, state0, chunk_size):
+    state = state0
+    outputs = []
+    for t in range(q.shape[-2]):
+        update = _expand(xp, k[..., t, :], -1) * _expand(xp, v[..., t, :], -2)  # k_t v_tᵀ
+        if state is None:
+            state = update
+        else:
+            decay_k = None if gk is None else gk[..., t, :]
+            decay_v = None if gv is None else gv[..., t, :]
+            state = _decay_state(xp, state, decay_k, decay_v) + update
+        outputs.append(xp.matmul(_expand(xp, q[..., t, :], -2), state))  # (q_tᵀ S_t)
+    if not outputs:
+        o, zero_state = _parallel(xp, q, k, v, None, None)
+        return o, zero_state if state0 is None else state0
+    return xp.concat(outputs, axis=-2), state
+
+
+def _to_chunks(xp: Any, x: Any | None, n_chunks: int, chunk_size: int) -> Any | None:
+    """(..., T, D) -> (..., n, C, D), zero-padded at the end (zero k, v, gates change nothing)."""
+    if x is None:
+        return None
+    T, D = x.shape[-2], x.shape[-1]
+    pad = n_chunks * chunk_size - T
+    if pad:
+        zeros = xp.zeros((*x.shape[:-2], pad, D), dtype=x.dtype, device=array_api_compat.device(x))
+        x = xp.concat([x, zeros], axis=-2)
+    return xp.reshape(x, (*x.shape[:-2], n_chunks, chunk_size, D))
+
+
+def _intra_chunk(xp, qc, kc, vc, Gk, Gv):
+    """The parallel form on every chunk at once, in slices that bound the gated tensors' size."""
+    vector_gates = (Gk is not None and Gk.shape[-1] > 1) or Gv is not None
+    n, C = qc.shape[-3], qc.shape[-2]
+    width = max(qc.shape[-1], vc.shape[-1]) if vector_gates else 1
+    lead = math.prod(int(s) for s in qc.shape[:-3]) or 1
+    step = max(1, _GATED_CHUNK_BUDGET // (C * C * width * lead)) if vector_gates else n
+    if step >= n:
+        return _parallel(xp, qc, kc, vc, Gk, Gv)
+
+    def sl(x: Any, a: int, b: int) -> Any:
+        return None if x is None else x[..., a:b, :, :]
+
+    parts = [_parallel(xp, sl(qc, a, a + step), sl(kc, a, a + step), sl(vc, a, a + step), sl(Gk, a, a + step),
+                       sl(Gv, a, a + step)) for a in range(0, n, step)]
+    return xp.concat([p[0] for p in parts], axis=-3), xp.concat([p[1] for p in parts], axis=-3)
+
+
+def _form_chunked(xp, q, k, v, gk, gv, state0, chunk_size):
+    T = q.shape[-2]
+    n = max(1, -(-T // chunk_size))
+    qc, kc, vc = (_to_chunks(xp, x, n, chunk_size) for x in (q, k, v))
+    gkc, gvc = _to_chunks(xp, gk, n, chunk_size), _to_chunks(xp, gv, n, chunk_size)
+    Gk, Gv = _cumulative(xp, gkc), _cumulative(xp, gvc)  # restart at every chunk
+    o_intra, local_states = _intra_chunk(xp, qc, kc, vc, Gk, Gv)  # local: from a zero state
+    # The state entering chunk c: S_in[c] = decay(c − 1) ⊙ S_in[c − 1] + local[c − 1].
+    shape = (*o_intra.shape[:-3], n, int(k.shape[-1]), int(v.shape[-1]))
+    if state0 is None:
+        state0 = xp.zeros(shape[:-3] + shape[-2:], dtype=q.dtype, device=array_api_compat.device(q))
+    state0 = xp.broadcast_arrays(state0, local_states[..., 0, :, :])[0]
+    # (A Python loop over chunks: NumPy's cumsum along a non-last axis is several times slower.)
+    Gk_last = None if Gk is None else Gk[..., -1, :]  # (..., n, Dk|1): each chunk's total decay
+    Gv_last = None if Gv is None else Gv[..., -1, :]
+    states = [state0]
+    for c in range(n):
+        decay_k = None if Gk_last is None else Gk_last[..., c, :]
+        decay_v = None if Gv_last is None else Gv_last[..., c, :]
+        states.append(_decay_state(xp, states[-1], decay_k, decay_v) + local_states[..., c, :, :])
+    entering = xp.stack(states[:-1], axis=-3)
+    final = states[-1]
+    o = o_intra + _state_readout(xp, qc, Gk, Gv, entering)
+    o = xp.reshape(o, (*o.shape[:-3], n * chunk_size, int(o.shape[-1])))[..., :T, :]
+    return o, final
+
+
+_FORMS = {"parallel": _form_parallel, "recurrent": _form_recurrent, "chunked": _form_chunked}
+
+
+def _check_form(form: str, chunk_size: int) -> int:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    return _checks.check_positive_int("chunk_size", chunk_size)
+
+
+def _check_gates(xp: Any, q: Any, k: Any, v: Any, gk: Any, gv: Any) -> None:
+    T, Dk, Dv = k.shape[-2], k.shape[-1], v.shape[-1]
+    for name, g, width in (("gk", gk, (1, Dk)), ("gv", gv, (Dv,))):
+        if g is None:
+            continue
+        _checks.require_floating(name, g, xp)
+        if g.ndim < 2 or g.shape[-2] != T or g.shape[-1] not in width:
+            allowed = " or ".join(f"(..., {T}, {w})" for w in width)
+            raise ValueError(f"{name} must have shape {allowed} to match k {tuple(k.shape)} and v "
+                             f"{tuple(v.shape)}, got {tuple(g.shape)}")
+
+
+def causal_scan(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    gk: Any = None,
+    gv: Any = None,
+    initial_state: Any = None,
+    form: str = "chunked",
+    chunk_size: int = 64,
+) -> tuple[Any, Any]:
+    r"""Run the causal linear scan (see the module docstring for the recurrence).
+
+    .. math::
+
+        S_t = \big(e^{g^k_t} (e^{g^v_t})^\top\big) \odot S_{t-1} + k_t v_t^\top, \qquad
+        o_t = S_t^\top q_t .
+
+    Parameters
+    ----------
+    q, k : array, shape (..., T, Dk)
+        Queries and keys (after any feature map and scale); leading dims broadcast.
+    v : array, shape (..., T, Dv)
+        Values.
+    gk : array, shape (..., T, Dk) or (..., T, 1), optional
+        Log-decay over the key dim, or one per step (last dim 1). None: no decay.
+    gv : array, shape (..., T, Dv), optional
+        Log-decay over the value dim. None: no decay.
+    initial_state : array, shape (..., Dk, Dv), optional
+        S_0; None is zeros.
+    form : {"chunked", "parallel", "recurrent"}, default "chunked"
+        Which algorithm computes the outputs (they agree to rounding).
+    chunk_size : int, default 64
+        Steps per chunk of the chunked form (any T, not only multiples).
+
+    Returns
+    -------
+    o : array, shape (..., T, Dv)
+    final_state : array, shape (..., Dk, Dv)
+        S_{T−1} (S_0 when T = 0).
+
+    Raises
+    ------
+    ValueError
+        For an unknown form, a chunk size < 1, or gates that do not match k and v.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linattn.scan import causal_scan
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 10, 4))
+    >>> g = -rng.random((2, 10, 1))
+    >>> o1, s1 = causal_scan(q, k, v, gk=g, form="recurrent")
+    >>> o2, s2 = causal_scan(q, k, v, gk=g, form="chunked", chunk_size=3)
+    >>> bool(np.allclose(o1, o2) and np.allclose(s1, s2))
+    True
+    """
+    xp = _checks.namespace_of(q=q, k=k, v=v, gk=gk, gv=gv, initial_state=initial_state)
+    chunk_size = _check_form(form, chunk_size)
+    _check_gates(xp, q, k, v, gk, gv)
+    return _FORMS[form](xp, q, k, v, gk, gv, initial_state, chunk_size)
+
+
+def noncausal_scan(q: Any, k: Any, v: Any, *, form: str = "chunked") -> Any:
+    r"""Non-causal linear attention: every query sees every key.
+
+    .. math::
+
+        o_t = \Big(\sum_s k_s v_s^\top\Big)^\top q_t ,
+
+    computed as (Q Kᵀ) V by the ``parallel`` form (the definition, O(T²)) and as
+    Q (Kᵀ V) by the others (O(T·Dk·Dv)).
+
+    Parameters
+    ----------
+    q, k : array, shape (..., T, Dk) and (..., S, Dk)
+    v : array, shape (..., S, Dv)
+    form : {"chunked", "parallel", "recurrent"}, default "chunked"
+
+    Returns
+    -------
+    array, shape (..., T, Dv)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linattn.scan import noncausal_scan
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 5, 2))
+    >>> bool(np.allclose(noncausal_scan(q, k, v), (q @ k.T) @ v))
+    True
+    """
+    xp = _checks.namespace_of(q=q, k=k, v=v)
+    _check_form(form, 1)
+    kt = xp.matrix_transpose(k)
+    if form == "parallel":
+        return xp.matmul(xp.matmul(q, kt), v)
+    return xp.matmul(q, xp.matmul(kt, v))
+
+
+# ---------------------------------------------------------------------------------------
+# Gradients
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScanGradients:
+    """Cotangents of the inputs of :func:`causal_scan` (None where the input was None)."""
+
+    dq: Any
+    dk: Any
+    dv: Any
+    dgk: Any
+    dgv: Any
+    dinitial_state: Any
+
+
+def _reverse_gate(xp: Any, g: Any | None) -> Any | None:
+    """Gates of the time-reversed scan: g'_0 = 0, g'_τ = g_{T−τ}.
+
+    In reversed time the decay between a later "key" t and an earlier "query" s must be
+    e^{G_t − G_s} = Π_{r=s+1..t} e^{g_r}: the gate of the step after each position.
+    """
+    if g is None:
+        return None
+    flipped = xp.flip(g, axis=-2)
+    zero = xp.zeros_like(flipped[..., :1, :])
+    return xp.concat([zero, flipped[..., :-1, :]], axis=-2)
+
+
+def _reverse_scan(xp, a, b, c, ga, gc, state, form, chunk_size):
+    """r_s = Σ_{t≥s} Σ_i a_si e^{Γ_ti − Γ_si} b_ti · c_tj e^{Λ_tj − Λ_sj} (+ the state X decayed to s).
+
+    Returns r and the "final" state of the reversed scan, which is the sum at s = 0.
+    """
+    flip = lambda x: None if x is None else xp.flip(x, axis=-2)  # noqa: E731
+    r, last = _FORMS[form](xp, flip(a), flip(b), flip(c), _reverse_gate(xp, ga), _reverse_gate(xp, gc), state,
+                           chunk_size)
+    return flip(r), last
+
+
+def _total(xp: Any, g: Any | None, start: int) -> Any | None:
+    """Σ_{r ≥ start} g_r over the time axis (None stays None)."""
+    return None if g is None else xp.sum(g[..., start:, :], axis=-2)
+
+
+def _reverse_state_readout(xp: Any, a: Any, ga: Any | None, gc: Any | None, X: Any) -> Any:
+    """Σ_i a_si e^{Γ_{T−1,i} − Γ_si} X_ij e^{Λ_{T−1,j} − Λ_sj}: a state X at the end, read at each s."""
+    def to_end(g: Any | None) -> Any | None:  # Σ_{r > s} g_r = G_{T−1} − G_s
+        if g is None:
+            return None
+        G = xp.cumulative_sum(g, axis=-2)
+        return G[..., -1:, :] - G
+    return _state_readout(xp, a, to_end(ga), to_end(gc), X)
+
+
+def _sum_to_shape(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:
+    """Sum the axes that broadcasting added or stretched, so a gradient matches its input."""
+    extra = x.ndim - len(shape)
+    if extra:
+        x = xp.sum(x, axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return xp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def causal_scan_vjp(
+    q: Any,
+    k: Any,
+    v: Any,
+    do: Any,
+    *,
+    gk: Any = None,
+    gv: Any = None,
+    initial_state: Any = None,
+    dfinal_state: Any = None,
+    form: str = "chunked",
+    chunk_size: int = 64,
+) -> ScanGradients:
+    r"""Gradients of :func:`causal_scan`, by three more scans of the same form.
+
+    With cotangents dO of the outputs and dS_T of the final state,
+
+    .. math::
+
+        dq_t = S_t\, do_t, \qquad
+        dk_s = \bar S_s\, v_s, \qquad dv_s = \bar S_s^\top k_s, \qquad
+        \bar S_s = \sum_{t \ge s} \Gamma_{ts} \odot q_t do_t^\top
+                   + \Gamma_{Ts} \odot dS_T,
+
+    where Γ_ts = e^{G^k_t − G^k_s}(e^{G^v_t − G^v_s})ᵀ. dq is the scan of (do, v, k) with
+    the gates' roles swapped; dk and dv are scans run backwards in time; dS_0 is the
+    backward state at the start, decayed by the first step's gates. For the gates, with
+    G the cumulative log-decays,
+
+    .. math::
+
+        \frac{\partial L}{\partial G^k_{t,d}} = q_{t,d}\, dq_{t,d} - k_{t,d}\, dk_{t,d}
+            + [t = T-1] \sum_e (dS_T \odot S_T)_{de}, \qquad
+        \frac{\partial L}{\partial G^v_{t,e}} = o_{t,e}\, do_{t,e} - v_{t,e}\, dv_{t,e}
+            + [t = T-1] \sum_d (dS_T \odot S_T)_{de},
+
+    and dg_t = Σ_{t' ≥ t} ∂L/∂G_{t'} (a reverse cumulative sum; summed over d for a
+    per-step gate).
+
+    Parameters
+    ----------
+    q, k, v, gk, gv, initial_state, form, chunk_size
+        As in :func:`causal_scan`.
+    do : array, shape (..., T, Dv)
+        Cotangent of o (broadcast like o).
+    dfinal_state : array, shape (..., Dk, Dv), optional
+        Cotangent of the final state; None is zero.
+
+    Returns
+    -------
+    ScanGradients
+        dq, dk, dv, dgk, dgv, dinitial_state, each shaped like its input (None for an
+        input that was None).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linattn.scan import causal_scan, causal_scan_vjp
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v, do = rng.standard_normal((4, 6, 3))
+    >>> g = causal_scan_vjp(q, k, v, do)
+    >>> h = 1e-6; e = np.zeros_like(k); e[2, 1] = h
+    >>> fd = ((causal_scan(q, k + e, v)[0] - causal_scan(q, k - e, v)[0]) * do).sum() / (2 * h)
+    >>> bool(np.isclose(fd, g.dk[2, 1]))
+    True
+    """
+    xp = _checks.namespace_of(q=q, k=k, v=v, do=do, gk=gk, gv=gv, initial_state=initial_state,
+                              dfinal_state=dfinal_state)
+    chunk_size = _check_form(form, chunk_size)
+    _check_gates(xp, q, k, v, gk, gv)
+    run = _FORMS[form]
+    T = q.shape[-2]
+    need_forward = gv is not None or ((gk is not None or gv is not None) and dfinal_state is not None)
+    o, final = run(xp, q, k, v, gk, gv, initial_state, chunk_size) if need_forward else (None, None)
+
+    # Scans with the key and value roles swapped take the gates swapped too; a per-step
+    # gate scales the whole state, so it stays a (fast) per-step key gate.
+    per_step = gv is None and gk is not None and gk.shape[-1] == 1
+    swapped = (gk, None) if per_step else (gv, gk)
+    swap = None if initial_state is None else xp.matrix_transpose(initial_state)
+    dq, _ = run(xp, do, v, k, *swapped, swap, chunk_size)
+    # The backward scans run per query head when q and do carry a group axis that k and v
+    # do not (GQA); the final-state cotangent belongs to the shared state, so it is added
+    # once, outside them, rather than once per head.
+    dk, _ = _reverse_scan(xp, v, do, q, *swapped, None, form, chunk_size)
+    dv, start = _reverse_scan(xp, k, q, do, gk, gv, None, form, chunk_size)
+    dk, dv = _sum_to_shape(xp, dk, tuple(k.shape)), _sum_to_shape(xp, dv, tuple(v.shape))
+    if dfinal_state is not None and T > 0:
+        dk = dk + _reverse_state_readout(xp, v, *swapped, xp.matrix_transpose(dfinal_state))
+        dv = dv + _reverse_state_readout(xp, k, gk, gv, dfinal_state)
+        dk, dv = _sum_to_shape(xp, dk, tuple(k.shape)), _sum_to_shape(xp, dv, tuple(v.shape))
+        start = _sum_to_shape(xp, start, tuple(dfinal_state.shape))
+        start = start + _decay_state(xp, dfinal_state, _total(xp, gk, 1), _total(xp, gv, 1))
+
+    dinitial = None
+    if initial_state is not None:
+        dinitial = start if T > 0 else (dfinal_state if dfinal_state is not None else xp.zeros_like(initial_state))
+        if T > 0:
+            dinitial = _decay_state(xp, dinitial, None if gk is None else gk[..., 0, :],
+                                    None if gv is None else gv[..., 0, :])
+        dinitial = _sum_to_shape(xp, dinitial, tuple(initial_state.shape))
+
+    def gate_gradient(g: Any, reader: Any, written: Any, final_term_axis: int) -> Any:
+        # ∂L/∂G_t = (reader term) − (written term); each summed to g's shape on its own,
+        # since under GQA the reader term has a group axis and the written term does not.
+        def to_gate(x: Any) -> Any:
+            return _sum_to_shape(xp, xp.sum(x, axis=-1, keepdims=True) if g.shape[-1] == 1 else x, tuple(g.shape))
+        local = to_gate(reader) - to_gate(written)
+        if dfinal_state is not None and T > 0:
+            last = xp.sum(dfinal_state * final, axis=final_term_axis)  # (..., D)
+            if g.shape[-1] == 1:
+                last = xp.sum(last, axis=-1, keepdims=True)
+            is_last = xp.astype(xp.arange(T, device=array_api_compat.device(local)) == T - 1, local.dtype)
+            tail = _expand(xp, is_last, -1) * _expand(xp, last, -2)  # (..., T, D), nonzero at T − 1
+            local = local + _sum_to_shape(xp, tail, tuple(g.shape))
+        return xp.flip(xp.cumulative_sum(xp.flip(local, axis=-2), axis=-2), axis=-2)
+
+    dgk = None if gk is None else gate_gradient(gk, q * dq, k * dk, -1)
+    dgv = None if gv is None else gate_gradient(gv, o * do, v * dv, -2)
+    return ScanGradients(
+        dq=_sum_to_shape(xp, dq, tuple(q.shape)),
+        dk=_sum_to_shape(xp, dk, tuple(k.shape)),
+        dv=_sum_to_shape(xp, dv, tuple(v.shape)),
+        dgk=dgk,
+        dgv=dgv,
+        dinitial_state=dinitial,
+    )
