@@ -8,14 +8,31 @@ from linattn.cosformer import cosformer_attention, cosformer_attention_vjp
 from linattn.flash import flash_attention, flash_attention_backward
 from linattn.hybrid import hybrid_attention
 from linattn.linear import linear_attention, linear_attention_vjp
+from linattn.linformer import linformer_attention, linformer_attention_vjp, linformer_projections
 from linattn.performer import performer_attention, performer_attention_vjp
 from linattn.scan import causal_scan, causal_scan_vjp, noncausal_scan
 from linattn.softmax import alibi_slopes, softmax_attention, softmax_attention_vjp
+from linattn.sparse import (
+    bigbird_attention,
+    bigbird_attention_vjp,
+    bigbird_layout,
+    block_sparse_attention,
+    block_sparse_attention_vjp,
+    layout_to_mask,
+    longformer_attention,
+    longformer_attention_vjp,
+    longformer_layout,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "alibi_slopes",
+    "bigbird_attention",
+    "bigbird_attention_vjp",
+    "bigbird_layout",
+    "block_sparse_attention",
+    "block_sparse_attention_vjp",
     "causal_scan",
     "causal_scan_vjp",
     "cosformer_attention",
@@ -23,8 +40,15 @@ __all__ = [
     "flash_attention",
     "flash_attention_backward",
     "hybrid_attention",
+    "layout_to_mask",
     "linear_attention",
     "linear_attention_vjp",
+    "linformer_attention",
+    "linformer_attention_vjp",
+    "linformer_projections",
+    "longformer_attention",
+    "longformer_attention_vjp",
+    "longformer_layout",
     "noncausal_scan",
     "performer_attention",
     "performer_attention_vjp",

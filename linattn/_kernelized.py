@@ -85,20 +85,24 @@ class KernelizedProblem:
     cu_seqlens: tuple[int, ...] | None
     options: ScanOptions
 
-    def segments(self) -> list[tuple[int, int]]:
-        """(lo, hi) of each sequence: the ``cu_seqlens`` segments, or the whole length."""
+    def segments(self) -> list[tuple[slice, slice]]:
+        """(query rows, key rows) of each sequence: the ``cu_seqlens`` segments, or all of them.
+
+        Without ``cu_seqlens`` the queries are all T rows and the keys all S rows (S may
+        differ from T in non-causal attention).
+        """
         if self.cu_seqlens is None:
-            return [(0, self.shapes.q_len)]
-        return list(itertools.pairwise(self.cu_seqlens))
+            return [(slice(0, self.shapes.q_len), slice(0, self.shapes.kv_len))]
+        return [(slice(lo, hi), slice(lo, hi)) for lo, hi in itertools.pairwise(self.cu_seqlens)]
 
     @property
     def n_states(self) -> int:
         """N: one state per batch element, or per sequence under ``cu_seqlens``."""
         return self.shapes.batch if self.cu_seqlens is None else len(self.cu_seqlens) - 1
 
-    def positions(self, lo: int, hi: int) -> Any:
-        """Positions 0 .. hi − lo − 1 of a segment's rows within their sequence."""
-        return self.xp.arange(hi - lo, device=array_api_compat.device(self.q))
+    def positions(self, rows: slice) -> Any:
+        """Positions 0, 1, ... of a segment's rows within their sequence."""
+        return self.xp.arange(rows.stop - rows.start, device=array_api_compat.device(self.q))
 
     def output(self, x: Any) -> Any:
         """Grouped (B, Hkv, G, T, D) -> the caller's layout and dtype."""
@@ -200,11 +204,10 @@ def forward(problem: KernelizedProblem, featurizer: Featurizer, initial_state: A
     """Run a kernelized method: feature maps, then the scan, per sequence."""
     xp, opt = problem.xp, problem.options
     outputs, finals = [], []
-    for n, (lo, hi) in enumerate(problem.segments()):
-        q, k, v = (x[..., lo:hi, :] for x in (problem.q, problem.k, problem.v))
-        pos = problem.positions(lo, hi)
-        fq = featurizer.query(q, pos) * opt.scale
-        fk = featurizer.key(k, pos)
+    for n, (rows, cols) in enumerate(problem.segments()):
+        q, k, v = problem.q[..., rows, :], problem.k[..., cols, :], problem.v[..., cols, :]
+        fq = featurizer.query(q, problem.positions(rows)) * opt.scale
+        fk = featurizer.key(k, problem.positions(cols))
         state = None if initial_state is None else (
             initial_state if problem.cu_seqlens is None else initial_state[n:n + 1])
         raw, final = _scan(problem, fq, fk, v, state)
@@ -231,11 +234,11 @@ def vjp(problem: KernelizedProblem, featurizer: Featurizer, do: Any, initial_sta
                          f"{tuple(do.shape)}")
     do5 = to_grouped(xp, xp.astype(do, problem.q.dtype), problem.layout, s.kv_heads)
     dq, dk, dv, dstates = [], [], [], []
-    for n, (lo, hi) in enumerate(problem.segments()):
-        q, k, v, do_seg = (x[..., lo:hi, :] for x in (problem.q, problem.k, problem.v, do5))
-        pos = problem.positions(lo, hi)
-        fq = featurizer.query(q, pos) * opt.scale
-        fk = featurizer.key(k, pos)
+    for n, (rows, cols) in enumerate(problem.segments()):
+        q, k, v, do_seg = problem.q[..., rows, :], problem.k[..., cols, :], problem.v[..., cols, :], do5[..., rows, :]
+        q_pos, k_pos = problem.positions(rows), problem.positions(cols)
+        fq = featurizer.query(q, q_pos) * opt.scale
+        fk = featurizer.key(k, k_pos)
         state, dstate = (None if x is None else (x if problem.cu_seqlens is None else x[n:n + 1])
                          for x in (initial_state, dfinal_state))
         v_in = _with_ones(xp, v) if opt.normalize else v
@@ -254,8 +257,8 @@ def vjp(problem: KernelizedProblem, featurizer: Featurizer, do: Any, initial_sta
             dfk = xp.sum(xp.matmul(v_in, xp.matmul(xp.matrix_transpose(do_in), fq)), axis=2, keepdims=True)
             dv_in = xp.sum(xp.matmul(fk, xp.matmul(xp.matrix_transpose(fq), do_in)), axis=2, keepdims=True)
             dstate0 = None
-        dq.append(featurizer.query_vjp(q, pos, dfq * opt.scale))
-        dk.append(featurizer.key_vjp(k, pos, dfk))
+        dq.append(featurizer.query_vjp(q, q_pos, dfq * opt.scale))
+        dk.append(featurizer.key_vjp(k, k_pos, dfk))
         dv.append(dv_in[..., :-1] if opt.normalize else dv_in)
         dstates.append(dstate0)
     grads = (problem.output(xp.concat(dq, axis=3)), problem.kv_output(xp.concat(dk, axis=3)),

@@ -103,7 +103,10 @@ def _compare(args: argparse.Namespace) -> int:
         if not os.path.isdir(folder):
             print(f"linattn compare: --json folder {folder!r} does not exist", file=sys.stderr)
             return 2
-    methods = args.methods or list(compared_methods())
+    registry = compared_methods()
+    methods = args.methods or [
+        name for name, m in registry.items() if m.supports_causal or args.non_causal
+    ]  # by default every method that has the form asked for
     progress = Progress(len(lengths) * len(methods), delay=1.0, force=False)
     progress.enabled = progress.enabled and not args.no_progress
     settings = {

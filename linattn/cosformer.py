@@ -39,8 +39,7 @@ def _setup(q, k, v, *, max_len, eps, causal, form, chunk_size, layout, cu_seqlen
     options = _kernelized.check_options(causal=causal, normalize=True, eps=eps, scale=None, form=form,
                                         chunk_size=chunk_size, default_scale=1.0)
     problem = _kernelized.prepare(q, k, v, layout=layout, cu_seqlens=cu_seqlens, backend=backend, options=options)
-    longest = max((hi - lo for lo, hi in problem.segments()), default=0)
-    longest = max(longest, problem.shapes.kv_len if problem.cu_seqlens is None else 0)
+    longest = max((max(r.stop - r.start, c.stop - c.start) for r, c in problem.segments()), default=0)
     if max_len is None:
         max_len = max(longest, 1)
     max_len = _checks.check_positive_int("max_len", max_len)

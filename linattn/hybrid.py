@@ -16,10 +16,14 @@ import array_api_compat
 from linattn import _checks
 from linattn.compare import register_method
 from linattn.feature_maps import FeatureMap
+from linattn.flash import flash_attention
 from linattn.linear import linear_attention
-from linattn.softmax import softmax_attention
 
 __all__ = ["hybrid_attention", "split_heads"]
+
+
+def _windowed_softmax(q: Any, k: Any, v: Any, **kw: Any) -> Any:
+    return flash_attention(q, k, v, **kw)[0]
 
 
 def split_heads(local_heads: int | Sequence[int], q_heads: int) -> tuple[list[int], list[int]]:
@@ -151,7 +155,9 @@ def hybrid_attention(
 
     parts, order = [], []
     if local:
-        parts.append(run(local, softmax_attention, scale=scale, window=(window, 0 if causal else window)))
+        # The tiled exact form: it visits only the key tiles inside the window, so the local
+        # heads cost O(T·w) time and O(T) memory instead of softmax_attention's O(T²).
+        parts.append(run(local, _windowed_softmax, scale=scale, window=(window, 0 if causal else window)))
         order += local
     if global_:
         parts.append(run(global_, linear_attention, feature_map=feature_map, normalize=normalize, eps=eps,

@@ -42,7 +42,7 @@ def _projection(problem: _kernelized.KernelizedProblem, *, num_features: Any, pr
     return xp.astype(projection, problem.q.dtype)
 
 
-def _featurizer(kind: str, W: Any, *, stabilize: bool, feature_eps: float,
+def _featurizer(kind: str, W: Any, *, stabilize: bool, stabilize_keys: bool, feature_eps: float,
                 kernel_scale: float | None) -> _kernelized.Featurizer:
     if kind == "trig":
         return _kernelized.Featurizer(
@@ -51,19 +51,25 @@ def _featurizer(kind: str, W: Any, *, stabilize: bool, feature_eps: float,
             query_vjp=lambda x, pos, d: fmaps.favor_trig_vjp(x, d, W, scale=kernel_scale),
             key_vjp=lambda x, pos, d: fmaps.favor_trig_vjp(x, d, W, scale=kernel_scale),
         )
-    opts = {"stabilize": stabilize, "eps": feature_eps, "scale": kernel_scale}
+    q_opts = {"stabilize": stabilize, "eps": feature_eps, "scale": kernel_scale}
+    k_opts = {**q_opts, "stabilize": stabilize_keys}
     return _kernelized.Featurizer(
-        query=lambda x, pos: fmaps.favor_positive(x, W, role="query", **opts),
-        key=lambda x, pos: fmaps.favor_positive(x, W, role="key", **opts),
-        query_vjp=lambda x, pos, d: fmaps.favor_positive_vjp(x, d, W, role="query", **opts),
-        key_vjp=lambda x, pos, d: fmaps.favor_positive_vjp(x, d, W, role="key", **opts),
+        query=lambda x, pos: fmaps.favor_positive(x, W, role="query", **q_opts),
+        key=lambda x, pos: fmaps.favor_positive(x, W, role="key", **k_opts),
+        query_vjp=lambda x, pos, d: fmaps.favor_positive_vjp(x, d, W, role="query", **q_opts),
+        key_vjp=lambda x, pos, d: fmaps.favor_positive_vjp(x, d, W, role="key", **k_opts),
     )
 
 
 def _setup(q, k, v, *, num_features, kind, orthogonal, scaling, projection, rng, stabilize, feature_eps,
-           scale, normalize, eps, causal, form, chunk_size, layout, cu_seqlens, backend, initial_state):
+           scale, normalize, eps, causal, form, chunk_size, layout, cu_seqlens, backend, initial_state,
+           carries_state):
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    _checks.check_bool("stabilize", stabilize)
+    if stabilize and kind == "positive" and not normalize:
+        raise ValueError("stabilize=True needs normalize=True: the stabiliser's constants cancel only between "
+                         "numerator and denominator; pass stabilize=False for unnormalised attention")
     options = _kernelized.check_options(causal=causal, normalize=normalize, eps=eps, scale=None, form=form,
                                         chunk_size=chunk_size, default_scale=1.0)
     problem = _kernelized.prepare(q, k, v, layout=layout, cu_seqlens=cu_seqlens, backend=backend, options=options)
@@ -71,7 +77,12 @@ def _setup(q, k, v, *, num_features, kind, orthogonal, scaling, projection, rng,
                     scaling=scaling, rng=rng)
     m = int(W.shape[0]) * (2 if kind == "trig" else 1)
     state = _kernelized.check_state(problem, initial_state, m)
-    return problem, _featurizer(kind, W, stabilize=stabilize, feature_eps=feature_eps, kernel_scale=scale), state, m
+    # The key constant is a maximum over the call's keys: a state carried into or out of the
+    # call would be on that call's own scale, so keys are left unstabilised whenever a state
+    # crosses the call boundary (exp(w·k' − |k'|²/2) <= exp(|w|²/2) cannot overflow then).
+    featurizer = _featurizer(kind, W, stabilize=stabilize, stabilize_keys=stabilize and not carries_state,
+                             feature_eps=feature_eps, kernel_scale=scale)
+    return problem, featurizer, state, m
 
 
 def performer_attention(
@@ -129,7 +140,10 @@ def performer_attention(
     stabilize : bool, default True
         The official implementation's stabiliser (a per-query and a per-sequence key
         constant subtracted in the exponent). It cancels exactly between numerator and
-        denominator when ``feature_eps = eps = 0``.
+        denominator when ``feature_eps = eps = 0``, so it needs ``normalize=True``. The
+        key constant is a maximum over the call's keys, so it is not applied when a state
+        enters or leaves the call (``initial_state``, ``output_final_state``): states are
+        always on the unstabilised scale and can be passed between calls.
     feature_eps : float, default 0.0
         Added to every positive feature (the official ``numerical_stabilizer``).
     scale : float, optional
@@ -160,7 +174,9 @@ def performer_attention(
     the sequence's keys, future ones included: it cancels exactly from every output when
     ``feature_eps = eps = 0`` (the defaults), so the outputs are causal to rounding, but
     with ``eps > 0`` the term eps·e^{c} lets future keys move past outputs slightly —
-    as in the official code. Under ``cu_seqlens`` the constant is per sequence.
+    as in the official code. Under ``cu_seqlens`` the constant is per sequence. Without
+    the key constant (when states cross the call) a positive feature is at most
+    exp(|w_i|²/2)/√m, which overflows only for rows far longer than √(2·88) in float32.
 
     References
     ----------
@@ -181,7 +197,7 @@ def performer_attention(
         q, k, v, num_features=num_features, kind=kind, orthogonal=orthogonal, scaling=scaling, projection=projection,
         rng=rng, stabilize=stabilize, feature_eps=feature_eps, scale=scale, normalize=normalize, eps=eps,
         causal=causal, form=form, chunk_size=chunk_size, layout=layout, cu_seqlens=cu_seqlens, backend=backend,
-        initial_state=initial_state,
+        initial_state=initial_state, carries_state=initial_state is not None or output_final_state,
     )
     return _kernelized.forward(problem, featurizer, state, output_final_state)
 
@@ -248,7 +264,7 @@ def performer_attention_vjp(
         q, k, v, num_features=num_features, kind=kind, orthogonal=orthogonal, scaling=scaling, projection=projection,
         rng=rng, stabilize=stabilize, feature_eps=feature_eps, scale=scale, normalize=normalize, eps=eps,
         causal=causal, form=form, chunk_size=chunk_size, layout=layout, cu_seqlens=cu_seqlens, backend=backend,
-        initial_state=initial_state,
+        initial_state=initial_state, carries_state=initial_state is not None or dfinal_state is not None,
     )
     dstate = _kernelized.check_state(problem, dfinal_state, m, name="dfinal_state")
     return _kernelized.vjp(problem, featurizer, do, state, dstate)

@@ -179,9 +179,10 @@ def _form_chunked(xp, q, k, v, gk, gv, state0, chunk_size):
     Gk, Gv = _cumulative(xp, gkc), _cumulative(xp, gvc)  # restart at every chunk
     o_intra, local_states = _intra_chunk(xp, qc, kc, vc, Gk, Gv)  # local: from a zero state
     # The state entering chunk c: S_in[c] = decay(c − 1) ⊙ S_in[c − 1] + local[c − 1].
-    shape = (*o_intra.shape[:-3], n, int(k.shape[-1]), int(v.shape[-1]))
+    # The state has the leading dims of k, v and the gates (and S_0), not q's: under GQA
+    # one state serves the whole group of query heads.
     if state0 is None:
-        state0 = xp.zeros(shape[:-3] + shape[-2:], dtype=q.dtype, device=array_api_compat.device(q))
+        state0 = xp.zeros_like(local_states[..., 0, :, :])
     state0 = xp.broadcast_arrays(state0, local_states[..., 0, :, :])[0]
     # (A Python loop over chunks: NumPy's cumsum along a non-last axis is several times slower.)
     Gk_last = None if Gk is None else Gk[..., -1, :]  # (..., n, Dk|1): each chunk's total decay
@@ -470,13 +471,17 @@ def causal_scan_vjp(
     # once, outside them, rather than once per head.
     dk, _ = _reverse_scan(xp, v, do, q, *swapped, None, form, chunk_size)
     dv, start = _reverse_scan(xp, k, q, do, gk, gv, None, form, chunk_size)
-    dk, dv = _sum_to_shape(xp, dk, tuple(k.shape)), _sum_to_shape(xp, dv, tuple(v.shape))
+    # dk, dv here are per query head when q, do carry a group axis; the final-state terms
+    # below have the state's leading dims. Each is summed to its input's shape on its own
+    # (and kept apart for the gate gradients, which need each head's own part).
+    dk_parts, dv_parts = [dk], [dv]
     if dfinal_state is not None and T > 0:
-        dk = dk + _reverse_state_readout(xp, v, *swapped, xp.matrix_transpose(dfinal_state))
-        dv = dv + _reverse_state_readout(xp, k, gk, gv, dfinal_state)
-        dk, dv = _sum_to_shape(xp, dk, tuple(k.shape)), _sum_to_shape(xp, dv, tuple(v.shape))
+        dk_parts.append(_reverse_state_readout(xp, v, *swapped, xp.matrix_transpose(dfinal_state)))
+        dv_parts.append(_reverse_state_readout(xp, k, gk, gv, dfinal_state))
         start = _sum_to_shape(xp, start, tuple(dfinal_state.shape))
         start = start + _decay_state(xp, dfinal_state, _total(xp, gk, 1), _total(xp, gv, 1))
+    dk = sum(_sum_to_shape(xp, part, tuple(k.shape)) for part in dk_parts)
+    dv = sum(_sum_to_shape(xp, part, tuple(v.shape)) for part in dv_parts)
 
     dinitial = None
     if initial_state is not None:
@@ -486,23 +491,22 @@ def causal_scan_vjp(
                                     None if gv is None else gv[..., 0, :])
         dinitial = _sum_to_shape(xp, dinitial, tuple(initial_state.shape))
 
-    def gate_gradient(g: Any, reader: Any, written: Any, final_term_axis: int) -> Any:
-        # ∂L/∂G_t = (reader term) − (written term); each summed to g's shape on its own,
-        # since under GQA the reader term has a group axis and the written term does not.
+    def gate_gradient(g: Any, reader: Any, written: list[Any], final_term_axis: int) -> Any:
+        # ∂L/∂G_t = (reader term) − (written terms); each summed to g's shape on its own,
+        # since under GQA the reader term has a group axis that the written ones may lack.
         def to_gate(x: Any) -> Any:
             return _sum_to_shape(xp, xp.sum(x, axis=-1, keepdims=True) if g.shape[-1] == 1 else x, tuple(g.shape))
-        local = to_gate(reader) - to_gate(written)
+        local = to_gate(reader)
+        for part in written:
+            local = local - to_gate(part)
         if dfinal_state is not None and T > 0:
             last = xp.sum(dfinal_state * final, axis=final_term_axis)  # (..., D)
-            if g.shape[-1] == 1:
-                last = xp.sum(last, axis=-1, keepdims=True)
             is_last = xp.astype(xp.arange(T, device=array_api_compat.device(local)) == T - 1, local.dtype)
-            tail = _expand(xp, is_last, -1) * _expand(xp, last, -2)  # (..., T, D), nonzero at T − 1
-            local = local + _sum_to_shape(xp, tail, tuple(g.shape))
+            local = local + to_gate(_expand(xp, is_last, -1) * _expand(xp, last, -2))  # nonzero at T − 1
         return xp.flip(xp.cumulative_sum(xp.flip(local, axis=-2), axis=-2), axis=-2)
 
-    dgk = None if gk is None else gate_gradient(gk, q * dq, k * dk, -1)
-    dgv = None if gv is None else gate_gradient(gv, o * do, v * dv, -2)
+    dgk = None if gk is None else gate_gradient(gk, q * dq, [k * part for part in dk_parts], -1)
+    dgv = None if gv is None else gate_gradient(gv, o * do, [v * part for part in dv_parts], -2)
     return ScanGradients(
         dq=_sum_to_shape(xp, dq, tuple(q.shape)),
         dk=_sum_to_shape(xp, dk, tuple(k.shape)),
