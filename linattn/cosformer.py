@@ -25,28 +25,33 @@ from linattn.compare import register_method
 __all__ = ["cosformer_attention", "cosformer_attention_vjp"]
 
 
-def _featurizer(max_len: int) -> _kernelized.Featurizer:
+def _featurizer(max_len: int, start: int) -> _kernelized.Featurizer:
     def phi(x: Any, pos: Any) -> Any:
-        return fmaps.cosformer_features(fmaps.relu(x), pos, max_len)
+        return fmaps.cosformer_features(fmaps.relu(x), pos + start, max_len)
 
     def phi_vjp(x: Any, pos: Any, d: Any) -> Any:
-        return fmaps.relu_vjp(x, fmaps.cosformer_features_vjp(fmaps.relu(x), d, pos, max_len))
+        return fmaps.relu_vjp(x, fmaps.cosformer_features_vjp(fmaps.relu(x), d, pos + start, max_len))
 
     return _kernelized.Featurizer(query=phi, key=phi, query_vjp=phi_vjp, key_vjp=phi_vjp)
 
 
-def _setup(q, k, v, *, max_len, eps, causal, form, chunk_size, layout, cu_seqlens, backend, initial_state):
+def _setup(q, k, v, *, max_len, start_position, eps, causal, form, chunk_size, layout, cu_seqlens, backend,
+           initial_state):
     options = _kernelized.check_options(causal=causal, normalize=True, eps=eps, scale=None, form=form,
                                         chunk_size=chunk_size, default_scale=1.0)
     problem = _kernelized.prepare(q, k, v, layout=layout, cu_seqlens=cu_seqlens, backend=backend, options=options)
+    start = _checks.check_nonnegative_int("start_position", start_position)
+    if start and not causal:
+        raise ValueError("start_position needs causal=True: it places a continued sequence after its state")
     longest = max((max(r.stop - r.start, c.stop - c.start) for r, c in problem.segments()), default=0)
     if max_len is None:
-        max_len = max(longest, 1)
+        max_len = max(start + longest, 1)
     max_len = _checks.check_positive_int("max_len", max_len)
-    if longest > max_len:
-        raise ValueError(f"max_len must be >= the sequence length ({longest}), got max_len={max_len}")
+    if start + longest > max_len:
+        raise ValueError(f"max_len must be >= the last position start_position + length = {start} + {longest}, "
+                         f"got max_len={max_len}")
     state = _kernelized.check_state(problem, initial_state, 2 * problem.shapes.key_dim)
-    return problem, _featurizer(max_len), state, 2 * problem.shapes.key_dim
+    return problem, _featurizer(max_len, start), state, 2 * problem.shapes.key_dim
 
 
 def cosformer_attention(
@@ -55,6 +60,7 @@ def cosformer_attention(
     v: Any,
     *,
     max_len: int | None = None,
+    start_position: int = 0,
     eps: float = 1e-6,
     causal: bool = False,
     form: str = "chunked",
@@ -80,9 +86,13 @@ def cosformer_attention(
         (B, T, Hq, Dk), (B, S, Hkv, Dk), (B, S, Hkv, Dv) (``layout="bthd"``).
     max_len : int, optional
         M. Default: the sequence length (max(T, S); under ``cu_seqlens`` the longest
-        sequence), as the official implementation, which uses the (padded) length of the
-        batch. Every |i − j| ≤ M keeps the weights non-negative. Decoding, which cannot
-        know the length in advance, must fix M.
+        sequence; plus ``start_position``), as the official implementation, which uses the
+        (padded) length of the batch. Every |i − j| ≤ M keeps the weights non-negative.
+        A sequence split across calls, or decoded, must fix M in advance.
+    start_position : int, default 0
+        Position of the first query and key (causal only): a sequence continued from
+        ``initial_state`` starts where the state's sequence stopped, e.g. state passing
+        is ``run(x2, initial_state=final(run(x1)), start_position=len(x1))`` with one M.
     eps : float, default 1e-6
         Added to the normaliser. (The official code clamps it from below at eps instead;
         the two differ only where the normaliser is < eps.)
@@ -116,9 +126,10 @@ def cosformer_attention(
     >>> bool(np.allclose(o, linattn.cosformer_attention(q, k, v, causal=True, form="parallel")))
     True
     """
-    problem, featurizer, state, _ = _setup(q, k, v, max_len=max_len, eps=eps, causal=causal, form=form,
-                                           chunk_size=chunk_size, layout=layout, cu_seqlens=cu_seqlens,
-                                           backend=backend, initial_state=initial_state)
+    problem, featurizer, state, _ = _setup(
+        q, k, v, max_len=max_len, start_position=start_position, eps=eps, causal=causal, form=form,
+        chunk_size=chunk_size, layout=layout, cu_seqlens=cu_seqlens, backend=backend, initial_state=initial_state,
+    )
     return _kernelized.forward(problem, featurizer, state, output_final_state)
 
 
@@ -129,6 +140,7 @@ def cosformer_attention_vjp(
     do: Any,
     *,
     max_len: int | None = None,
+    start_position: int = 0,
     eps: float = 1e-6,
     causal: bool = False,
     form: str = "chunked",
@@ -146,7 +158,7 @@ def cosformer_attention_vjp(
 
     Parameters
     ----------
-    q, k, v, max_len, eps, causal, form, chunk_size, initial_state, layout, cu_seqlens, backend
+    q, k, v, max_len, start_position, eps, causal, form, chunk_size, initial_state, layout, cu_seqlens, backend
         As in :func:`cosformer_attention`.
     do : array, shape (B, T, Hq, Dv)
         Cotangent of the output.
@@ -167,9 +179,10 @@ def cosformer_attention_vjp(
     >>> [g.shape for g in linattn.cosformer_attention_vjp(q, k, v, do, causal=True)]
     [(1, 5, 1, 4), (1, 5, 1, 4), (1, 5, 1, 4)]
     """
-    problem, featurizer, state, m = _setup(q, k, v, max_len=max_len, eps=eps, causal=causal, form=form,
-                                           chunk_size=chunk_size, layout=layout, cu_seqlens=cu_seqlens,
-                                           backend=backend, initial_state=initial_state)
+    problem, featurizer, state, m = _setup(
+        q, k, v, max_len=max_len, start_position=start_position, eps=eps, causal=causal, form=form,
+        chunk_size=chunk_size, layout=layout, cu_seqlens=cu_seqlens, backend=backend, initial_state=initial_state,
+    )
     dstate = _kernelized.check_state(problem, dfinal_state, m, name="dfinal_state")
     return _kernelized.vjp(problem, featurizer, do, state, dstate)
 

@@ -33,8 +33,11 @@ float32, as everywhere in linattn), so they can also be compared with a kernel's
 
 **Prefill.** A step with the whole prompt is a prefill: it returns the prompt's outputs
 and the state after it. The kernelized states can also start from the final state of
-the method's causal forward (``from_final_state``), so a prompt run by
-:func:`linattn.linear_attention` (``output_final_state=True``) is continued by decoding.
+the method's causal forward (``from_final_state``): a prompt run by
+:func:`linattn.linear_attention`, :func:`linattn.performer_attention` or
+:func:`linattn.cosformer_attention` with ``output_final_state=True`` is continued by
+decoding, and their ``final_state`` is in the forward's own form, for its
+``initial_state``.
 
 Examples
 --------
@@ -62,7 +65,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from linattn import _checks, _kernelized
+from linattn import _checks, _kernelized, favor
 from linattn import feature_maps as fmaps
 from linattn._problem import compute_dtype, from_grouped, to_grouped
 from linattn.feature_maps import FeatureMap, get_feature_map
@@ -422,9 +425,11 @@ def performer_key_shift(k: Any, projection: Any, *, scale: float | None = None, 
         c_{b,h} = \max_{t,\,i}\; w_i \cdot k'_{b,t,h}, \qquad k' = k\,\text{scale}^{1/2},
 
     the maximum over every key of the sequence and every feature, one per batch element
-    and key/value head (``favor_positive(..., role="key", stabilize=True)``). The final
-    state of ``performer_attention(..., stabilize=True, output_final_state=True)`` is
-    scaled by e^{−c}; pass this c to :meth:`PerformerState.from_final_state` to continue it.
+    and key/value head (``favor_positive(..., role="key", stabilize=True)``), which a
+    stateless forward subtracts from every key's exponent. Decoding with
+    ``PerformerState(..., key_stabilizer="fixed", key_shift=c)`` on the same keys
+    computes the very same features, and so reproduces that forward even with
+    ``feature_eps > 0`` or ``eps > 0``, where the constant does not cancel.
 
     Parameters
     ----------
@@ -486,34 +491,38 @@ class PerformerState:
         o_t = \frac{\phi(q_t)^\top S_t}{\phi(q_t)^\top z_t + \varepsilon},
 
     with the FAVOR+ features φ of the fixed projection W. Positive features carry the
-    stabilisers of :func:`linattn.feature_maps.favor_positive`: a per-query constant
-    (computable from q_t alone, the same in decoding as in the forward) and a key
-    constant c, which the forward takes as the max of w_i·k'_t over the *whole* sequence
-    — future keys included, which decoding cannot know. With ``stabilize=True`` the
-    state is kept as e^{−c}·(S, z), with c chosen by ``key_stabilizer``:
+    stabilisers of :func:`linattn.favor.favor_positive`: a per-query constant
+    (computable from q_t alone: the same in decoding as in the forward) and a key
+    constant c shared by all keys. Without a state, the forward takes c as the max of
+    w_i·k'_t over the *whole* sequence — future keys included, which decoding cannot
+    know; when a state enters or leaves the call (``initial_state``,
+    ``output_final_state``) it uses c = 0 (states on the unstabilised scale). With
+    ``stabilize=True`` decoding keeps the state as e^{−c}·(S, z), c chosen by
+    ``key_stabilizer``:
 
     - ``"running"`` (default): c_t = max(c_{t−1}, max_i w_i·k'_t), the maximum over the
       keys seen so far. When it grows, the state is rescaled, S ← e^{c_{t−1} − c_t} S
-      (as online softmax rescales its sum), so every feature stays ≤ 1 as in the
-      forward and nothing overflows whatever the sequence.
-    - ``"fixed"``: c = ``key_shift`` for every key. No rescaling; a key with
+      (as online softmax rescales its running sum), so every feature stays ≤ 1 as in the
+      forward and nothing overflows, however long the sequence.
+    - ``"fixed"``: c = ``key_shift`` for every key, never rescaled. A key with
       w_i·k'_t − |k'_t|²/2 − c beyond the exp range (709 in float64, 88.7 in float32)
-      overflows.
+      overflows; c = 0 is the unstabilised estimator (features ≤ e^{|w_i|²/2}).
 
     **When decoding equals the causal forward.** With ``feature_eps = eps = 0`` (the
-    defaults) and normalisation, a constant shared by the keys multiplies numerator and
-    denominator alike and cancels: decoding with either stabiliser equals
-    ``performer_attention(..., causal=True)`` to rounding (and to underflow: a key
-    e^{745} below the forward's maximum is 0 there and may not be here). With
-    ``feature_eps > 0`` or ``eps > 0`` the constant does not cancel — the forward's
-    output at t then depends on future keys through c, so no decoder can reproduce it;
-    decoding with ``key_stabilizer="fixed"`` and ``key_shift`` = the forward's c
-    (:func:`performer_key_shift` on the whole sequence) reproduces it exactly, which
-    pins the difference on c alone. ``"running"`` refuses ``feature_eps > 0`` (rescaling
-    would scale the added eps too) and ``normalize=False`` (the output would keep the
-    time-varying factor e^{−c_t}). ``stabilize=False`` (c = 0 for queries and keys)
-    and ``kind="trig"`` (no stabiliser) equal the forward with the same options to
-    rounding for any eps.
+    defaults) a constant shared by the keys multiplies numerator and denominator alike
+    and cancels: decoding with either key stabiliser equals
+    ``performer_attention(..., causal=True)`` to rounding, with or without states (and
+    up to underflow: a key e^{745} below one constant and not the other is 0 in one and
+    not the other). With ``feature_eps > 0`` or ``eps > 0`` the constant no longer
+    cancels, and the forward's output depends on which c it used. The state-carrying
+    forward (c = 0) is reproduced exactly by ``key_stabilizer="fixed", key_shift=0``;
+    the stateless forward (c over the whole sequence) lets future keys move past
+    outputs, which no decoder can reproduce — except by being told c: ``"fixed"`` with
+    ``key_shift=performer_key_shift(all keys, W)`` reproduces it, which pins the
+    difference on c alone. ``"running"`` refuses ``feature_eps > 0`` (rescaling the state
+    would rescale the added eps too). ``stabilize=False`` (no constants) and
+    ``kind="trig"`` (no stabiliser) equal the forward with the same options to rounding
+    for any eps. As in the forward, ``stabilize=True`` needs ``normalize=True``.
 
     Attributes
     ----------
@@ -532,7 +541,7 @@ class PerformerState:
     --------
     >>> import numpy as np
     >>> import linattn
-    >>> from linattn.decoding import PerformerState, performer_key_shift, step
+    >>> from linattn.decoding import PerformerState, step
     >>> from linattn.feature_maps import random_projection
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((1, 8, 2, 4)) for _ in range(3))
@@ -547,12 +556,18 @@ class PerformerState:
     >>> bool(np.allclose(np.concatenate(outs, axis=1), full))
     True
 
-    Continuing the forward's own final state needs its key constant:
+    Decoding can continue the forward's own final state (on the unstabilised scale, c = 0):
 
     >>> _, final = linattn.performer_attention(q[:, :5], k[:, :5], v[:, :5], projection=w, causal=True,
     ...                                        output_final_state=True)
-    >>> state = PerformerState.from_final_state(final, projection=w, key_shift=performer_key_shift(k[:, :5], w))
-    >>> o, _ = step(state, q[:, 5:], k[:, 5:], v[:, 5:])
+    >>> o, state = step(PerformerState.from_final_state(final, projection=w), q[:, 5:], k[:, 5:], v[:, 5:])
+    >>> bool(np.allclose(o, full[:, 5:]))
+    True
+
+    and the forward can continue decoding's (``final_state`` undoes the e^{−c}):
+
+    >>> o = linattn.performer_attention(q[:, 5:], k[:, 5:], v[:, 5:], projection=w, causal=True,
+    ...                                 initial_state=PerformerState.from_final_state(final, projection=w).final_state)
     >>> bool(np.allclose(o, full[:, 5:]))
     True
     """
@@ -581,7 +596,7 @@ class PerformerState:
         batch, kv_heads, key_dim, value_dim, dtype, xp, device
             As in :meth:`LinearState.initial`.
         projection : array, shape (r, Dk)
-            W, e.g. ``linattn.feature_maps.random_projection(r, Dk, rng=seed)`` — the draw
+            W, e.g. ``linattn.favor.random_projection(r, Dk, rng=seed)`` — the draw
             ``performer_attention(num_features=r, rng=seed)`` makes. Fixed for the
             whole sequence.
         kind, stabilize, feature_eps, scale, normalize, eps
@@ -606,7 +621,7 @@ class PerformerState:
         z = _zeros(xp, S.shape[:3], dtype, device) if normalize is True else None
         return cls._build(S, z, W, kind=kind, stabilize=stabilize, key_stabilizer=key_stabilizer,
                           key_shift=key_shift, feature_eps=feature_eps, scale=scale, normalize=normalize, eps=eps,
-                          fresh=True)
+                          unset_shift=-math.inf)
 
     @classmethod
     def from_final_state(cls, final_state: Any, *, projection: Any, kind: str = "positive", stabilize: bool = True,
@@ -621,10 +636,10 @@ class PerformerState:
         projection, kind, stabilize, feature_eps, scale, normalize, eps
             The forward's options and its W.
         key_stabilizer : {"running", "fixed"}, default "running"
-        key_shift : float or array of shape (B, Hkv)
-            The key constant the state is scaled by: for positive features with
-            ``stabilize=True``, required — :func:`performer_key_shift` of the keys the
-            forward saw (``"running"`` continues from it, ``"fixed"`` keeps it).
+        key_shift : float or array of shape (B, Hkv), optional
+            The key constant c the state is scaled by, e^{−c}·(S, z) (positive features
+            with ``stabilize=True``; ``"running"`` continues from it, ``"fixed"`` keeps
+            it). Default 0: performer_attention's states are on the unstabilised scale.
 
         Returns
         -------
@@ -634,11 +649,11 @@ class PerformerState:
         W = _projection_like(projection, S, None, S.dtype)
         return cls._build(S, z, W, kind=kind, stabilize=stabilize, key_stabilizer=key_stabilizer,
                           key_shift=key_shift, feature_eps=feature_eps, scale=scale, normalize=normalize, eps=eps,
-                          fresh=False)
+                          unset_shift=0.0)
 
     @classmethod
     def _build(cls, S: Any, z: Any, W: Any, *, kind: Any, stabilize: Any, key_stabilizer: Any, key_shift: Any,
-               feature_eps: Any, scale: Any, normalize: Any, eps: Any, fresh: bool) -> PerformerState:
+               feature_eps: Any, scale: Any, normalize: Any, eps: Any, unset_shift: float) -> PerformerState:
         from linattn.performer import KINDS
 
         if kind not in KINDS:
@@ -656,6 +671,9 @@ class PerformerState:
         kernel_scale = _kernel_scale(scale, int(W.shape[1]))
         mode, shift = None, None
         if kind == "positive" and stabilize:
+            if not options.normalize:  # as performer_attention
+                raise ValueError("stabilize=True needs normalize=True: the stabiliser's constants cancel only "
+                                 "between numerator and denominator; pass stabilize=False for unnormalised attention")
             if key_stabilizer not in KEY_STABILIZERS:
                 raise ValueError(f"key_stabilizer must be one of {KEY_STABILIZERS}, got {key_stabilizer!r}")
             mode = key_stabilizer
@@ -663,16 +681,9 @@ class PerformerState:
                 raise ValueError("key_stabilizer='running' needs feature_eps=0: rescaling the state when the "
                                  "maximum grows would rescale the added feature_eps too; use "
                                  "key_stabilizer='fixed' with a key_shift")
-            if mode == "running" and not options.normalize:
-                raise ValueError("key_stabilizer='running' needs normalize=True: an unnormalised output would keep "
-                                 "the factor exp(-c_t), which changes as the maximum grows; use "
-                                 "key_stabilizer='fixed' or stabilize=False")
-            if key_shift is None and (mode == "fixed" or not fresh):
-                why = ("key_stabilizer='fixed' needs the constant" if mode == "fixed" else
-                       "the state of performer_attention(stabilize=True) is scaled by exp(-c); pass "
-                       "performer_key_shift(prompt keys, projection)")
-                raise ValueError(f"key_shift is required: {why}")
-            shift = _key_shift_array(key_shift, S)
+            if key_shift is None and mode == "fixed" and unset_shift == -math.inf:
+                raise ValueError("key_shift is required: key_stabilizer='fixed' needs the constant c")
+            shift = _key_shift_array(unset_shift if key_shift is None else key_shift, S)
         elif key_shift is not None:
             raise ValueError("key_shift is only used by positive features with stabilize=True, got one with "
                              f"kind={kind!r}, stabilize={stabilize}")
@@ -681,29 +692,37 @@ class PerformerState:
 
     @property
     def final_state(self) -> Any:
-        """S, or (S, z) when normalised: the form of ``performer_attention``'s states (scaled by e^{−c})."""
-        return self.S if self.z is None else (self.S, self.z)
+        """e^{c}·S, or e^{c}·(S, z) when normalised: performer_attention's states, on the unstabilised scale.
+
+        (e^{c} overflows where c exceeds the exp range: such a state has no unstabilised form.)
+        """
+        if self.key_shift is None:
+            return self.S if self.z is None else (self.S, self.z)
+        xp = array_api_compat.array_namespace(self.S)
+        scale = xp.exp(self.key_shift)  # c = −inf only before any key, where S = 0
+        S = self.S * _expand_to(xp, scale, 4)
+        return S if self.z is None else (S, self.z * _expand_to(xp, scale, 3))
 
     def _query_features(self, q5: Any) -> Any:
         if self.kind == "trig":
-            return fmaps.favor_trig(q5, self.projection, scale=self.scale)
-        return fmaps.favor_positive(q5, self.projection, role="query", stabilize=self.stabilize,
+            return favor.favor_trig(q5, self.projection, scale=self.scale)
+        return favor.favor_positive(q5, self.projection, role="query", stabilize=self.stabilize,
                                     eps=self.feature_eps, scale=self.scale)
 
     def _key_features(self, xp: Any, k5: Any) -> tuple[Any, Any]:
         """φ(k) for the block and the key constant after it (None when there is none)."""
         W = self.projection
         if self.kind == "trig":
-            return fmaps.favor_trig(k5, W, scale=self.scale), None
+            return favor.favor_trig(k5, W, scale=self.scale), None
         if not self.stabilize:
-            return fmaps.favor_positive(k5, W, role="key", stabilize=False, eps=self.feature_eps,
+            return favor.favor_positive(k5, W, role="key", stabilize=False, eps=self.feature_eps,
                                         scale=self.scale), None
         # favor_positive shifts the block by its own maximum c_block; move it to c:
         # exp(a − c) = exp(a − c_block)·exp(c_block − c), with c_block − c <= 0 when running.
         u = xp.matmul(k5 * math.sqrt(self.scale), xp.matrix_transpose(W))
         c_block = xp.max(u, axis=(-2, -1))[:, :, 0]  # (B, Hkv)
         shift = xp.maximum(self.key_shift, c_block) if self.key_stabilizer == "running" else self.key_shift
-        phi = fmaps.favor_positive(k5, W, role="key", stabilize=True, eps=0.0, scale=self.scale)
+        phi = favor.favor_positive(k5, W, role="key", stabilize=True, eps=0.0, scale=self.scale)
         phi = phi * _expand_to(xp, xp.exp(c_block - shift), 5)
         if self.feature_eps > 0:
             phi = phi + self.feature_eps / math.sqrt(int(W.shape[0]))
@@ -733,13 +752,13 @@ def _expand_to(xp: Any, x: Any, ndim: int) -> Any:
 
 
 def _key_shift_array(key_shift: Any, S: Any) -> Any:
-    """The key constant c as a (B, Hkv) array of the state's library and dtype (−inf when None)."""
+    """The key constant c as a (B, Hkv) array of the state's library and dtype."""
     xp = array_api_compat.array_namespace(S)
     shape = tuple(int(n) for n in S.shape[:2])
     device = array_api_compat.device(S)
-    if key_shift is None:
-        return xp.full(shape, -math.inf, dtype=S.dtype, device=device)
     if isinstance(key_shift, int | float) and not isinstance(key_shift, bool):
+        if key_shift == -math.inf:  # the running maximum before any key
+            return xp.full(shape, -math.inf, dtype=S.dtype, device=device)
         if not math.isfinite(key_shift):
             raise ValueError(f"key_shift must be finite, got {key_shift!r}")
         return xp.full(shape, float(key_shift), dtype=S.dtype, device=device)

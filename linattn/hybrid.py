@@ -23,6 +23,8 @@ __all__ = ["hybrid_attention", "split_heads"]
 
 
 def _windowed_softmax(q: Any, k: Any, v: Any, **kw: Any) -> Any:
+    # The tiled exact form visits only the key tiles inside the window, so the local heads
+    # cost O(T·w) time and O(T) memory instead of softmax_attention's O(T²).
     return flash_attention(q, k, v, **kw)[0]
 
 
@@ -145,27 +147,26 @@ def hybrid_attention(
     window = _checks.check_nonnegative_int("window", window)
     local, global_ = split_heads(local_heads, shapes.q_heads)
     head_axis = 2 if layout == "bthd" else 1
+    local_kw = {"scale": scale, "window": (window, 0 if causal else window)}
+    global_kw = {"feature_map": feature_map, "normalize": normalize, "eps": eps, "scale": linear_scale,
+                 "form": form, "chunk_size": chunk_size}
+    common = {"layout": layout, "cu_seqlens": cu_seqlens, "backend": backend, "causal": causal}
+    if not global_:  # every head local (or every head global, below): one call, no head shuffling
+        return _windowed_softmax(q, k, v, **local_kw, **common)
+    if not local:
+        return linear_attention(q, k, v, **global_kw, **common)
+
     def heads(x: Any, index: list[int]) -> Any:
         return xp.take(x, xp.asarray(index, dtype=xp.int64, device=array_api_compat.device(x)), axis=head_axis)
 
     def run(index: list[int], fn: Any, **kw: Any) -> Any:
         kv_index = [h // shapes.group for h in index]
-        return fn(heads(q, index), heads(k, kv_index), heads(v, kv_index), layout=layout, cu_seqlens=cu_seqlens,
-                  backend=backend, causal=causal, **kw)
+        return fn(heads(q, index), heads(k, kv_index), heads(v, kv_index), **kw, **common)
 
-    parts, order = [], []
-    if local:
-        # The tiled exact form: it visits only the key tiles inside the window, so the local
-        # heads cost O(T·w) time and O(T) memory instead of softmax_attention's O(T²).
-        parts.append(run(local, _windowed_softmax, scale=scale, window=(window, 0 if causal else window)))
-        order += local
-    if global_:
-        parts.append(run(global_, linear_attention, feature_map=feature_map, normalize=normalize, eps=eps,
-                         scale=linear_scale, form=form, chunk_size=chunk_size))
-        order += global_
-    joined = xp.concat(parts, axis=head_axis) if len(parts) > 1 else parts[0]
-    inverse = [order.index(h) for h in range(shapes.q_heads)]
-    return heads(joined, inverse)
+    joined = xp.concat([run(local, _windowed_softmax, **local_kw), run(global_, linear_attention, **global_kw)],
+                       axis=head_axis)
+    order = local + global_
+    return heads(joined, [order.index(h) for h in range(shapes.q_heads)])
 
 
 register_method(

@@ -62,8 +62,7 @@ def _featurizer(kind: str, W: Any, *, stabilize: bool, stabilize_keys: bool, fea
 
 
 def _setup(q, k, v, *, num_features, kind, orthogonal, scaling, projection, rng, stabilize, feature_eps,
-           scale, normalize, eps, causal, form, chunk_size, layout, cu_seqlens, backend, initial_state,
-           carries_state):
+           scale, normalize, eps, causal, form, chunk_size, layout, cu_seqlens, backend, initial_state):
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     _checks.check_bool("stabilize", stabilize)
@@ -77,10 +76,10 @@ def _setup(q, k, v, *, num_features, kind, orthogonal, scaling, projection, rng,
                     scaling=scaling, rng=rng)
     m = int(W.shape[0]) * (2 if kind == "trig" else 1)
     state = _kernelized.check_state(problem, initial_state, m)
-    # The key constant is a maximum over the call's keys: a state carried into or out of the
-    # call would be on that call's own scale, so keys are left unstabilised whenever a state
-    # crosses the call boundary (exp(w·k' − |k'|²/2) <= exp(|w|²/2) cannot overflow then).
-    featurizer = _featurizer(kind, W, stabilize=stabilize, stabilize_keys=stabilize and not carries_state,
+    # The key constant is a maximum over all of the call's keys. Causal attention never uses
+    # it: it would let future keys reach past outputs (through eps·e^c) and put states on a
+    # per-call scale. Unstabilised key features exp(w·k' − |k'|²/2) are at most exp(|w|²/2).
+    featurizer = _featurizer(kind, W, stabilize=stabilize, stabilize_keys=stabilize and not causal,
                              feature_eps=feature_eps, kernel_scale=scale)
     return problem, featurizer, state, m
 
@@ -138,12 +137,11 @@ def performer_attention(
     rng : numpy.random.Generator or int, optional
         Where W is drawn from when ``projection`` is None (required then).
     stabilize : bool, default True
-        The official implementation's stabiliser (a per-query and a per-sequence key
-        constant subtracted in the exponent). It cancels exactly between numerator and
-        denominator when ``feature_eps = eps = 0``, so it needs ``normalize=True``. The
-        key constant is a maximum over the call's keys, so it is not applied when a state
-        enters or leaves the call (``initial_state``, ``output_final_state``): states are
-        always on the unstabilised scale and can be passed between calls.
+        The official implementation's stabiliser: a per-query constant, and (non-causal
+        only) a per-sequence key constant, subtracted in the exponent. They cancel exactly
+        between numerator and denominator when ``feature_eps = eps = 0``, so it needs
+        ``normalize=True``. Causal attention leaves the keys unstabilised (see Notes), so
+        its states are on one scale and pass between calls.
     feature_eps : float, default 0.0
         Added to every positive feature (the official ``numerical_stabilizer``).
     scale : float, optional
@@ -170,13 +168,14 @@ def performer_attention(
 
     Notes
     -----
-    With ``stabilize=True`` and causal attention the key constant c is the maximum over
-    the sequence's keys, future ones included: it cancels exactly from every output when
-    ``feature_eps = eps = 0`` (the defaults), so the outputs are causal to rounding, but
-    with ``eps > 0`` the term eps·e^{c} lets future keys move past outputs slightly —
-    as in the official code. Under ``cu_seqlens`` the constant is per sequence. Without
-    the key constant (when states cross the call) a positive feature is at most
-    exp(|w_i|²/2)/√m, which overflows only for rows far longer than √(2·88) in float32.
+    The official code subtracts the maximum over all keys of the sequence also in causal
+    attention. That constant includes future keys: it cancels only when
+    ``feature_eps = eps = 0``, and otherwise lets future keys move past outputs (through
+    eps·e^{c}). linattn's causal form does not use it, so its outputs are causal for every
+    eps; a key feature is then at most exp(|w_i|²/2)/√m, reached only by a key aligned
+    with a long row (in float32, overflow needs w_i·k' − |k'|²/2 > 88).
+    :class:`linattn.decoding.PerformerState` can keep a running key maximum instead.
+    Under ``cu_seqlens`` the non-causal key constant is per sequence.
 
     References
     ----------
@@ -197,7 +196,7 @@ def performer_attention(
         q, k, v, num_features=num_features, kind=kind, orthogonal=orthogonal, scaling=scaling, projection=projection,
         rng=rng, stabilize=stabilize, feature_eps=feature_eps, scale=scale, normalize=normalize, eps=eps,
         causal=causal, form=form, chunk_size=chunk_size, layout=layout, cu_seqlens=cu_seqlens, backend=backend,
-        initial_state=initial_state, carries_state=initial_state is not None or output_final_state,
+        initial_state=initial_state,
     )
     return _kernelized.forward(problem, featurizer, state, output_final_state)
 
@@ -264,7 +263,7 @@ def performer_attention_vjp(
         q, k, v, num_features=num_features, kind=kind, orthogonal=orthogonal, scaling=scaling, projection=projection,
         rng=rng, stabilize=stabilize, feature_eps=feature_eps, scale=scale, normalize=normalize, eps=eps,
         causal=causal, form=form, chunk_size=chunk_size, layout=layout, cu_seqlens=cu_seqlens, backend=backend,
-        initial_state=initial_state, carries_state=initial_state is not None or dfinal_state is not None,
+        initial_state=initial_state,
     )
     dstate = _kernelized.check_state(problem, dfinal_state, m, name="dfinal_state")
     return _kernelized.vjp(problem, featurizer, do, state, dstate)
