@@ -4,6 +4,7 @@ Every method is defined once against the Python array API and runs on NumPy (and
 any array-API library); :mod:`linattn.testing` compares other implementations with it.
 """
 
+from linattn import bounds, decoding, feature_maps
 from linattn.cosformer import cosformer_attention, cosformer_attention_vjp
 from linattn.flash import flash_attention, flash_attention_backward
 from linattn.hybrid import hybrid_attention
@@ -33,10 +34,13 @@ __all__ = [
     "bigbird_layout",
     "block_sparse_attention",
     "block_sparse_attention_vjp",
+    "bounds",
     "causal_scan",
     "causal_scan_vjp",
     "cosformer_attention",
     "cosformer_attention_vjp",
+    "decoding",
+    "feature_maps",
     "flash_attention",
     "flash_attention_backward",
     "hybrid_attention",

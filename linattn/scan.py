@@ -281,7 +281,23 @@ def causal_scan(
     xp = _checks.namespace_of(q=q, k=k, v=v, gk=gk, gv=gv, initial_state=initial_state)
     chunk_size = _check_form(form, chunk_size)
     _check_gates(xp, q, k, v, gk, gv)
-    return _FORMS[form](xp, q, k, v, gk, gv, initial_state, chunk_size)
+    o, final = _FORMS[form](xp, q, k, v, gk, gv, initial_state, chunk_size)
+    return o, _as_state_shape(xp, final, k, v, gk, gv, initial_state)
+
+
+def _as_state_shape(xp: Any, state: Any, k: Any, v: Any, gk: Any, gv: Any, initial_state: Any) -> Any:
+    """Give the final state the leading dims of k, v, the gates and S_0 (never q's), in every form.
+
+    A form may return it with fewer leading dims where they broadcast (no step, or a first
+    step from a zero state has not met the gates yet); the values are the same.
+    """
+    parts = [x[..., :1, :1] for x in (k, v, gk, gv) if x is not None]
+    if initial_state is not None:
+        parts.append(initial_state[..., :1, :1])
+    lead = tuple(xp.broadcast_arrays(*parts)[0].shape[:-2]) if len(parts) > 1 else tuple(parts[0].shape[:-2])
+    shape = (*lead, int(k.shape[-1]), int(v.shape[-1]))
+    return state if tuple(state.shape) == shape else state + xp.zeros(shape, dtype=state.dtype,
+                                                                            device=array_api_compat.device(state))
 
 
 def noncausal_scan(q: Any, k: Any, v: Any, *, form: str = "chunked") -> Any:
