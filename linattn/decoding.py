@@ -80,8 +80,10 @@ __all__ = [
     "LinearState",
     "PerformerState",
     "SoftmaxState",
+    "available_methods",
     "init_state",
     "performer_key_shift",
+    "register_state",
     "step",
 ]
 
@@ -1218,9 +1220,45 @@ _STATES = {
 }
 
 METHODS = tuple(_STATES)
-"""The methods :func:`init_state` knows."""
+"""The methods of this module's own states (:func:`available_methods` adds registered ones)."""
 
-DecodingState = LinearState | PerformerState | CosformerState | HybridState | SoftmaxState
+DecodingState = Any  # LinearState | PerformerState | CosformerState | HybridState | SoftmaxState | registered
+
+
+def register_state(method: str, state_class: type) -> None:
+    """Make ``init_state(method, ...)`` build ``state_class.initial(...)``.
+
+    The gated recurrences register their states here from their own modules. A state
+    class is a frozen dataclass with a classmethod ``initial(**options)`` and a method
+    ``_step(q, k, v, layout, **inputs) -> (o, new_state)`` that never mutates ``self``;
+    ``inputs`` are the method's other per-token arrays (gates, beta, ...), passed to
+    :func:`step` by keyword.
+
+    Parameters
+    ----------
+    method : str
+        The name for :func:`init_state`.
+    state_class : type
+        The state class.
+
+    Raises
+    ------
+    TypeError
+        If the class has no ``initial`` or no ``_step``.
+    """
+    if not (hasattr(state_class, "initial") and hasattr(state_class, "_step")):
+        raise TypeError(f"state_class must define initial() and _step(), got {state_class!r}")
+    _STATES[method] = state_class
+
+
+def available_methods() -> tuple[str, ...]:
+    """The methods :func:`init_state` knows now, registered ones included.
+
+    Returns
+    -------
+    tuple of str
+    """
+    return tuple(_STATES)
 
 
 def init_state(method: str, **options: Any) -> DecodingState:
@@ -1252,11 +1290,12 @@ def init_state(method: str, **options: Any) -> DecodingState:
     ('CosformerState', (2, 1, 8, 3), 0)
     """
     if method not in _STATES:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {available_methods()}, got {method!r}")
     return _STATES[method].initial(**options)
 
 
-def step(state: DecodingState, q: Any, k: Any, v: Any, *, layout: str = "bthd") -> tuple[Any, DecodingState]:
+def step(state: DecodingState, q: Any, k: Any, v: Any, *, layout: str = "bthd",
+         **inputs: Any) -> tuple[Any, DecodingState]:
     r"""Feed n new tokens to a decoding state: their outputs and the state after them.
 
     For the tokens at positions p .. p + n − 1 (p = the tokens the state has seen),
@@ -1283,6 +1322,9 @@ def step(state: DecodingState, q: Any, k: Any, v: Any, *, layout: str = "bthd") 
         The new values.
     layout : {"bthd", "bhtd"}, default "bthd"
         Axis order of q, k, v and o (the state's own layout is fixed).
+    **inputs
+        The method's other per-token arrays, for states that take them (the gated
+        recurrences' gates and beta); the states of this module take none.
 
     Returns
     -------
@@ -1309,6 +1351,8 @@ def step(state: DecodingState, q: Any, k: Any, v: Any, *, layout: str = "bthd") 
     >>> o.tolist(), state.position, after.position  # the old state is untouched
     ([[[[1.0, 1.0]]]], 0, 1)
     """
-    if not isinstance(state, LinearState | PerformerState | CosformerState | HybridState | SoftmaxState):
+    if type(state) not in _STATES.values():
         raise TypeError(f"state must be a linattn.decoding state (from init_state), got {type(state).__name__}")
+    if inputs:
+        return state._step(q, k, v, layout, **inputs)
     return state._step(q, k, v, layout)
