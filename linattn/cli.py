@@ -123,7 +123,8 @@ def _compare(args: argparse.Namespace) -> int:
     progress.close()
     print(
         f"B={args.batch} H={args.heads} D={args.dim} {args.dtype} {'causal' if not args.non_causal else 'non-causal'}"
-        "; error relative to float64 exact softmax; time = best of "
+        "; error relative to float64 exact softmax (or, for methods that do not approximate it, to their "
+        "own float64 definition); time = best of "
         f"{args.repeats}; peak = tracemalloc peak of one call"
     )
     print(format_table(rows))

@@ -19,7 +19,7 @@ def table_rows(stdout: str) -> dict[tuple[str, int], float]:
     rows = {}
     for line in stdout.splitlines():
         fields = line.split()
-        if len(fields) == 5 and fields[1].isdigit():
+        if len(fields) == 6 and fields[1].isdigit():  # method, T, error, against, time, memory
             rows[(fields[0], int(fields[1]))] = float(fields[2])
     return rows
 
