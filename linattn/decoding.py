@@ -420,18 +420,18 @@ def _kernel_scale(scale: Any, key_dim: int) -> float:
 
 
 def performer_key_shift(k: Any, projection: Any, *, scale: float | None = None, layout: str = "bthd") -> Any:
-    r"""The key stabiliser c that :func:`linattn.performer_attention` uses over the keys k.
+    r"""The key stabiliser c that non-causal :func:`linattn.performer_attention` uses over the keys k.
 
     .. math::
 
         c_{b,h} = \max_{t,\,i}\; w_i \cdot k'_{b,t,h}, \qquad k' = k\,\text{scale}^{1/2},
 
     the maximum over every key of the sequence and every feature, one per batch element
-    and key/value head (``favor_positive(..., role="key", stabilize=True)``), which a
-    stateless forward subtracts from every key's exponent. Decoding with
-    ``PerformerState(..., key_stabilizer="fixed", key_shift=c)`` on the same keys
-    computes the very same features, and so reproduces that forward even with
-    ``feature_eps > 0`` or ``eps > 0``, where the constant does not cancel.
+    and key/value head (``favor_positive(..., role="key", stabilize=True)``), which the
+    non-causal forward subtracts from every key's exponent (the causal forward uses
+    c = 0, so that future keys cannot reach past outputs). Decoding with
+    ``PerformerState(..., key_stabilizer="fixed", key_shift=c)`` computes the features
+    of a forward that used the constant c.
 
     Parameters
     ----------
@@ -493,12 +493,11 @@ class PerformerState:
         o_t = \frac{\phi(q_t)^\top S_t}{\phi(q_t)^\top z_t + \varepsilon},
 
     with the FAVOR+ features φ of the fixed projection W. Positive features carry the
-    stabilisers of :func:`linattn.favor.favor_positive`: a per-query constant
+    stabilisers of :func:`linattn.feature_maps.favor_positive`: a per-query constant
     (computable from q_t alone: the same in decoding as in the forward) and a key
-    constant c shared by all keys. Without a state, the forward takes c as the max of
-    w_i·k'_t over the *whole* sequence — future keys included, which decoding cannot
-    know; when a state enters or leaves the call (``initial_state``,
-    ``output_final_state``) it uses c = 0 (states on the unstabilised scale). With
+    constant c shared by all keys. The causal forward uses c = 0 (its states are on the
+    unstabilised scale, and no future key can reach a past output); the non-causal
+    forward takes c as the max of w_i·k'_t over the whole sequence. With
     ``stabilize=True`` decoding keeps the state as e^{−c}·(S, z), c chosen by
     ``key_stabilizer``:
 
@@ -516,13 +515,9 @@ class PerformerState:
     ``performer_attention(..., causal=True)`` to rounding, with or without states (and
     up to underflow: a key e^{745} below one constant and not the other is 0 in one and
     not the other). With ``feature_eps > 0`` or ``eps > 0`` the constant no longer
-    cancels, and the forward's output depends on which c it used. The state-carrying
-    forward (c = 0) is reproduced exactly by ``key_stabilizer="fixed", key_shift=0``;
-    the stateless forward (c over the whole sequence) lets future keys move past
-    outputs, which no decoder can reproduce — except by being told c: ``"fixed"`` with
-    ``key_shift=performer_key_shift(all keys, W)`` reproduces it, which pins the
-    difference on c alone. ``"running"`` refuses ``feature_eps > 0`` (rescaling the state
-    would rescale the added eps too). ``stabilize=False`` (no constants) and
+    cancels, and the output depends on which c is used: the causal forward (c = 0) is
+    reproduced exactly by ``key_stabilizer="fixed", key_shift=0``. ``"running"`` refuses
+    ``feature_eps > 0`` (rescaling the state would rescale the added eps too). ``stabilize=False`` (no constants) and
     ``kind="trig"`` (no stabiliser) equal the forward with the same options to rounding
     for any eps. As in the forward, ``stabilize=True`` needs ``normalize=True``.
 
@@ -598,7 +593,7 @@ class PerformerState:
         batch, kv_heads, key_dim, value_dim, dtype, xp, device
             As in :meth:`LinearState.initial`.
         projection : array, shape (r, Dk)
-            W, e.g. ``linattn.favor.random_projection(r, Dk, rng=seed)`` — the draw
+            W, e.g. ``linattn.feature_maps.random_projection(r, Dk, rng=seed)`` — the draw
             ``performer_attention(num_features=r, rng=seed)`` makes. Fixed for the
             whole sequence.
         kind, stabilize, feature_eps, scale, normalize, eps
