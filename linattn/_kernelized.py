@@ -106,7 +106,7 @@ class KernelizedProblem:
 
     def output(self, x: Any) -> Any:
         """Grouped (B, Hkv, G, T, D) -> the caller's layout and dtype."""
-        return self.xp.astype(from_grouped(self.xp, x, self.layout), self.input_dtype)
+        return self.xp.astype(from_grouped(self.xp, x, self.layout), self.input_dtype, copy=False)
 
     def kv_output(self, x: Any) -> Any:
         """Grouped (B, Hkv, G|1, S, D) gradient of k or v -> the caller's layout (summing G)."""
@@ -129,7 +129,7 @@ def prepare(q: Any, k: Any, v: Any, *, layout: str, cu_seqlens: Any, backend: st
         )
     offsets = _checks.check_cu_seqlens(cu_seqlens, shapes)
     dtype = compute_dtype(xp, q.dtype)
-    q5, k5, v5 = (to_grouped(xp, xp.astype(x, dtype), layout, shapes.kv_heads) for x in (q, k, v))
+    q5, k5, v5 = (to_grouped(xp, xp.astype(x, dtype, copy=False), layout, shapes.kv_heads) for x in (q, k, v))
     return KernelizedProblem(xp, shapes, layout, q.dtype, q5, k5, v5, offsets, options)
 
 
@@ -176,6 +176,10 @@ def final_state_output(problem: KernelizedProblem, state: Any) -> Any:
     return state[..., :-1], state[..., -1]
 
 
+def _scaled(x: Any, scale: float) -> Any:
+    return x if scale == 1.0 else x * scale
+
+
 def _with_ones(xp: Any, v: Any) -> Any:
     ones = xp.ones((*v.shape[:-1], 1), dtype=v.dtype, device=array_api_compat.device(v))
     return xp.concat([v, ones], axis=-1)
@@ -206,7 +210,7 @@ def forward(problem: KernelizedProblem, featurizer: Featurizer, initial_state: A
     outputs, finals = [], []
     for n, (rows, cols) in enumerate(problem.segments()):
         q, k, v = problem.q[..., rows, :], problem.k[..., cols, :], problem.v[..., cols, :]
-        fq = featurizer.query(q, problem.positions(rows)) * opt.scale
+        fq = _scaled(featurizer.query(q, problem.positions(rows)), opt.scale)
         fk = featurizer.key(k, problem.positions(cols))
         state = None if initial_state is None else (
             initial_state if problem.cu_seqlens is None else initial_state[n:n + 1])
@@ -237,7 +241,7 @@ def vjp(problem: KernelizedProblem, featurizer: Featurizer, do: Any, initial_sta
     for n, (rows, cols) in enumerate(problem.segments()):
         q, k, v, do_seg = problem.q[..., rows, :], problem.k[..., cols, :], problem.v[..., cols, :], do5[..., rows, :]
         q_pos, k_pos = problem.positions(rows), problem.positions(cols)
-        fq = featurizer.query(q, q_pos) * opt.scale
+        fq = _scaled(featurizer.query(q, q_pos), opt.scale)
         fk = featurizer.key(k, k_pos)
         state, dstate = (None if x is None else (x if problem.cu_seqlens is None else x[n:n + 1])
                          for x in (initial_state, dfinal_state))
@@ -257,7 +261,7 @@ def vjp(problem: KernelizedProblem, featurizer: Featurizer, do: Any, initial_sta
             dfk = xp.sum(xp.matmul(v_in, xp.matmul(xp.matrix_transpose(do_in), fq)), axis=2, keepdims=True)
             dv_in = xp.sum(xp.matmul(fk, xp.matmul(xp.matrix_transpose(fq), do_in)), axis=2, keepdims=True)
             dstate0 = None
-        dq.append(featurizer.query_vjp(q, q_pos, dfq * opt.scale))
+        dq.append(featurizer.query_vjp(q, q_pos, _scaled(dfq, opt.scale)))
         dk.append(featurizer.key_vjp(k, k_pos, dfk))
         dv.append(dv_in[..., :-1] if opt.normalize else dv_in)
         dstates.append(dstate0)

@@ -36,18 +36,27 @@ def compute_dtype(xp: Any, dtype: Any) -> Any:
 
 
 def to_grouped(xp: Any, x: Any, layout: str, kv_heads: int) -> Any:
-    """(B, T, H, D) or (B, H, T, D) -> (B, Hkv, H // Hkv, T, D)."""
+    """(B, T, H, D) or (B, H, T, D) -> (B, Hkv, H // Hkv, T, D), in row-major memory.
+
+    From "bthd" the transpose is copied into row-major order (flattening a transposed
+    view copies it in C order, in any array-API library): every later step then reads
+    contiguous (T, D) rows, which elementwise maps and matrix products need to be fast.
+    """
     if layout == "bthd":
         x = xp.permute_dims(x, (0, 2, 1, 3))
+        x = xp.reshape(xp.reshape(x, (-1,)), x.shape)
     b, h, t, d = x.shape
     return xp.reshape(x, (b, kv_heads, h // kv_heads, t, d))
 
 
 def from_grouped(xp: Any, x: Any, layout: str) -> Any:
-    """(B, Hkv, G, T, D) -> the caller's layout with Hkv * G heads."""
+    """(B, Hkv, G, T, D) -> the caller's layout with Hkv * G heads, in row-major memory."""
     b, hkv, g, t, d = x.shape
     x = xp.reshape(x, (b, hkv * g, t, d))
-    return xp.permute_dims(x, (0, 2, 1, 3)) if layout == "bthd" else x
+    if layout == "bthd":
+        x = xp.permute_dims(x, (0, 2, 1, 3))
+        x = xp.reshape(xp.reshape(x, (-1,)), x.shape)  # a C-order copy, as in to_grouped
+    return x
 
 
 @dataclass(frozen=True)
@@ -241,7 +250,7 @@ class SoftmaxProblem:
 
     def output(self, o: Any) -> Any:
         """Grouped (B, Hkv, G, T, D) -> the caller's layout and dtype."""
-        return self.xp.astype(from_grouped(self.xp, o, self.layout), self.input_dtype)
+        return self.xp.astype(from_grouped(self.xp, o, self.layout), self.input_dtype, copy=False)
 
     def lse_output(self, lse: Any) -> Any:
         """Grouped (B, Hkv, G, T, 1) -> (B, Hq, T) in the compute dtype."""
@@ -291,7 +300,7 @@ def prepare(
             mask5 = xp.astype(mask5, dtype)
 
     def grouped(x: Any, heads: int) -> Any:
-        return to_grouped(xp, xp.astype(x, dtype), layout, heads)
+        return to_grouped(xp, xp.astype(x, dtype, copy=False), layout, heads)
 
     # k and v have Hkv heads, so grouping them by Hkv gives a group axis of size 1.
     q5, k5, v5 = (grouped(x, shapes.kv_heads) for x in (q, k, v))

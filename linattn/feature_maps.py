@@ -106,8 +106,7 @@ def elu_plus_one(x: Any) -> Any:
     [[0.3679, 1.0, 3.0]]
     """
     xp = _check_x(x)
-    negative = xp.where(x > 0, xp.zeros_like(x), x)  # min(x, 0), with exp never fed a large x
-    return (x - negative) + xp.exp(negative)
+    return xp.maximum(x, 0.0) + xp.exp(xp.minimum(x, 0.0))  # exp is never fed a large x
 
 
 def elu_plus_one_vjp(x: Any, dphi: Any) -> Any:
@@ -133,7 +132,7 @@ def elu_plus_one_vjp(x: Any, dphi: Any) -> Any:
     """
     xp = _check_x(x)
     _check_cotangent(dphi, x, tuple(x.shape))
-    return dphi * xp.exp(xp.where(x > 0, xp.zeros_like(x), x))
+    return dphi * xp.exp(xp.minimum(x, 0.0))
 
 
 def relu(x: Any) -> Any:

@@ -23,7 +23,8 @@ Three forms compute them and agree to rounding:
 - ``parallel``: the double sum above, masked to s ≤ t — the definition; O(T²) memory.
 - ``recurrent``: the loop over t — the RNN form used for decoding; O(T·Dk·Dv) time.
 - ``chunked``: the parallel form inside chunks of ``chunk_size`` steps, plus the state
-  entering each chunk carried from chunk to chunk — O(T·C·D + T·D²) time, O(T·C) memory.
+  entering each chunk carried from chunk to chunk — O(T·C·D + T·D²) time, O(C·C·D)
+  working memory beyond the inputs and outputs.
 
 Every exponent above is a difference G_t − G_s with s ≤ t (or G_t itself), so it is ≤ 0
 when the gates are: no form ever computes e^{+G}, and a log-decay of −1e3 underflows to
@@ -44,11 +45,6 @@ from linattn import _checks
 __all__ = ["FORMS", "ScanGradients", "causal_scan", "causal_scan_vjp", "noncausal_scan"]
 
 FORMS = ("parallel", "recurrent", "chunked")
-
-# Elements of the (…, C, C, D) decay tensor a vector-gated chunk may build at once: the
-# chunked form slices the chunk axis so that memory stays bounded at any T.
-_GATED_CHUNK_BUDGET = 1 << 22
-
 
 def _expand(xp: Any, x: Any, axis: int) -> Any:
     return xp.expand_dims(x, axis=axis)
@@ -141,62 +137,25 @@ def _form_recurrent(xp, q, k, v, gk, gv, state0, chunk_size):
     return xp.concat(outputs, axis=-2), state
 
 
-def _to_chunks(xp: Any, x: Any | None, n_chunks: int, chunk_size: int) -> Any | None:
-    """(..., T, D) -> (..., n, C, D), zero-padded at the end (zero k, v, gates change nothing)."""
-    if x is None:
-        return None
-    T, D = x.shape[-2], x.shape[-1]
-    pad = n_chunks * chunk_size - T
-    if pad:
-        zeros = xp.zeros((*x.shape[:-2], pad, D), dtype=x.dtype, device=array_api_compat.device(x))
-        x = xp.concat([x, zeros], axis=-2)
-    return xp.reshape(x, (*x.shape[:-2], n_chunks, chunk_size, D))
-
-
-def _intra_chunk(xp, qc, kc, vc, Gk, Gv):
-    """The parallel form on every chunk at once, in slices that bound the gated tensors' size."""
-    vector_gates = (Gk is not None and Gk.shape[-1] > 1) or Gv is not None
-    n, C = qc.shape[-3], qc.shape[-2]
-    width = max(qc.shape[-1], vc.shape[-1]) if vector_gates else 1
-    lead = math.prod(int(s) for s in qc.shape[:-3]) or 1
-    step = max(1, _GATED_CHUNK_BUDGET // (C * C * width * lead)) if vector_gates else n
-    if step >= n:
-        return _parallel(xp, qc, kc, vc, Gk, Gv)
-
-    def sl(x: Any, a: int, b: int) -> Any:
-        return None if x is None else x[..., a:b, :, :]
-
-    parts = [_parallel(xp, sl(qc, a, a + step), sl(kc, a, a + step), sl(vc, a, a + step), sl(Gk, a, a + step),
-                       sl(Gv, a, a + step)) for a in range(0, n, step)]
-    return xp.concat([p[0] for p in parts], axis=-3), xp.concat([p[1] for p in parts], axis=-3)
-
-
 def _form_chunked(xp, q, k, v, gk, gv, state0, chunk_size):
+    """The parallel form on each chunk in turn, carrying the state from chunk to chunk.
+
+    Chunk c's outputs are its own double sum (from a zero state) plus what the state
+    entering it adds; the state leaving it is the entering state decayed over the chunk
+    plus the chunk's own. A last chunk shorter than ``chunk_size`` needs no padding. One
+    chunk at a time keeps every temporary at O(C·C·D) and in cache, which on a CPU is
+    faster than batching all chunks into O(T·C) arrays.
+    """
     T = q.shape[-2]
-    n = max(1, -(-T // chunk_size))
-    qc, kc, vc = (_to_chunks(xp, x, n, chunk_size) for x in (q, k, v))
-    gkc, gvc = _to_chunks(xp, gk, n, chunk_size), _to_chunks(xp, gv, n, chunk_size)
-    Gk, Gv = _cumulative(xp, gkc), _cumulative(xp, gvc)  # restart at every chunk
-    o_intra, local_states = _intra_chunk(xp, qc, kc, vc, Gk, Gv)  # local: from a zero state
-    # The state entering chunk c: S_in[c] = decay(c − 1) ⊙ S_in[c − 1] + local[c − 1].
-    # The state has the leading dims of k, v and the gates (and S_0), not q's: under GQA
-    # one state serves the whole group of query heads.
-    if state0 is None:
-        state0 = xp.zeros_like(local_states[..., 0, :, :])
-    state0 = xp.broadcast_arrays(state0, local_states[..., 0, :, :])[0]
-    # (A Python loop over chunks: NumPy's cumsum along a non-last axis is several times slower.)
-    Gk_last = None if Gk is None else Gk[..., -1, :]  # (..., n, Dk|1): each chunk's total decay
-    Gv_last = None if Gv is None else Gv[..., -1, :]
-    states = [state0]
-    for c in range(n):
-        decay_k = None if Gk_last is None else Gk_last[..., c, :]
-        decay_v = None if Gv_last is None else Gv_last[..., c, :]
-        states.append(_decay_state(xp, states[-1], decay_k, decay_v) + local_states[..., c, :, :])
-    entering = xp.stack(states[:-1], axis=-3)
-    final = states[-1]
-    o = o_intra + _state_readout(xp, qc, Gk, Gv, entering)
-    o = xp.reshape(o, (*o.shape[:-3], n * chunk_size, int(o.shape[-1])))[..., :T, :]
-    return o, final
+    if T == 0:
+        return _form_parallel(xp, q, k, v, gk, gv, state0, chunk_size)
+    state = state0
+    outputs = []
+    for a in range(0, T, chunk_size):
+        chunk = [None if x is None else x[..., a:a + chunk_size, :] for x in (q, k, v, gk, gv)]
+        o, state = _form_parallel(xp, *chunk, state, chunk_size)
+        outputs.append(o)
+    return xp.concat(outputs, axis=-2), state
 
 
 _FORMS = {"parallel": _form_parallel, "recurrent": _form_recurrent, "chunked": _form_chunked}
