@@ -10,6 +10,7 @@ from linattn.flash import flash_attention, flash_attention_backward
 from linattn.hybrid import hybrid_attention
 from linattn.linear import linear_attention, linear_attention_vjp
 from linattn.linformer import linformer_attention, linformer_attention_vjp, linformer_projections
+from linattn.mamba import selective_scan, selective_scan_vjp
 from linattn.performer import performer_attention, performer_attention_vjp
 from linattn.scan import causal_scan, causal_scan_vjp, noncausal_scan
 from linattn.softmax import alibi_slopes, softmax_attention, softmax_attention_vjp
@@ -56,6 +57,8 @@ __all__ = [
     "noncausal_scan",
     "performer_attention",
     "performer_attention_vjp",
+    "selective_scan",
+    "selective_scan_vjp",
     "softmax_attention",
     "softmax_attention_vjp",
 ]

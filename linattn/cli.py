@@ -104,9 +104,9 @@ def _compare(args: argparse.Namespace) -> int:
             print(f"linattn compare: --json folder {folder!r} does not exist", file=sys.stderr)
             return 2
     registry = compared_methods()
-    methods = args.methods or [
-        name for name, m in registry.items() if m.supports_causal or args.non_causal
-    ]  # by default every method that has the form asked for
+    methods = args.methods or [  # by default every method that has the form asked for
+        name for name, m in registry.items() if (m.supports_noncausal if args.non_causal else m.supports_causal)
+    ]
     progress = Progress(len(lengths) * len(methods), delay=1.0, force=False)
     progress.enabled = progress.enabled and not args.no_progress
     settings = {

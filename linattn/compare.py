@@ -41,6 +41,8 @@ class ComparedMethod:
         For methods that do not approximate softmax (the gated recurrences): what their
         output is compared with instead, ``reference(q, k, v, causal=...) -> o`` — their
         own definition (the recurrent form) run in float64. None: exact softmax.
+    supports_noncausal : bool
+        Whether the method has a non-causal form (the recurrences have none).
     """
 
     name: str
@@ -48,13 +50,14 @@ class ComparedMethod:
     description: str
     supports_causal: bool = True
     reference: Callable[..., Any] | None = None
+    supports_noncausal: bool = True
 
 
 _METHODS: dict[str, ComparedMethod] = {}
 
 
 def register_method(name: str, run: Callable[..., Any], *, description: str, supports_causal: bool = True,
-                    reference: Callable[..., Any] | None = None) -> None:
+                    reference: Callable[..., Any] | None = None, supports_noncausal: bool = True) -> None:
     """Make ``run`` available to ``linattn compare`` under ``name``.
 
     Parameters
@@ -72,9 +75,12 @@ def register_method(name: str, run: Callable[..., Any], *, description: str, sup
         ``reference(q, k, v, causal=...) -> o``, what the error column measures against
         for a method that does not approximate softmax (its own recurrent form); it is
         called with float64 inputs. None: exact softmax.
+    supports_noncausal : bool, default True
+        False for methods that are causal by construction (the recurrences); they are
+        skipped in non-causal comparisons.
     """
     _METHODS[name] = ComparedMethod(name=name, run=run, description=description, supports_causal=supports_causal,
-                                    reference=reference)
+                                    reference=reference, supports_noncausal=supports_noncausal)
 
 
 def compared_methods() -> dict[str, ComparedMethod]:
@@ -172,11 +178,11 @@ def run_compare(
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise ValueError(f"methods must be among {list(registry)}, got unknown {unknown}")
-    if causal:
-        acausal = [n for n in names if not registry[n].supports_causal]
-        if methods is not None and acausal:
-            raise ValueError(f"methods {acausal} have no causal form; compare them with --non-causal")
-        names = [n for n in names if registry[n].supports_causal]
+    wrong_kind = [n for n in names if not (registry[n].supports_causal if causal else registry[n].supports_noncausal)]
+    if methods is not None and wrong_kind:
+        flag, kind = ("--non-causal", "causal") if causal else ("causal mode (no --non-causal)", "non-causal")
+        raise ValueError(f"methods {wrong_kind} have no {kind} form; compare them in {flag}")
+    names = [n for n in names if n not in wrong_kind]
     rng = np.random.default_rng(seed)
     rows = []
     for length in lengths:

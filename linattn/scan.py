@@ -152,7 +152,8 @@ def _form_chunked(xp, q, k, v, gk, gv, state0, chunk_size):
     state = state0
     outputs = []
     for a in range(0, T, chunk_size):
-        chunk = [None if x is None else x[..., a:a + chunk_size, :] for x in (q, k, v, gk, gv)]
+        b = min(a + chunk_size, T)  # the array API leaves slices past the end unspecified
+        chunk = [None if x is None else x[..., a:b, :] for x in (q, k, v, gk, gv)]
         o, state = _form_parallel(xp, *chunk, state, chunk_size)
         outputs.append(o)
     return xp.concat(outputs, axis=-2), state

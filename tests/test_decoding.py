@@ -593,7 +593,7 @@ def test_hybrid_rejects_a_negative_window_and_a_wrong_query_head_count():
 
 def test_bad_states_and_options_are_rejected_naming_the_argument():
     with pytest.raises(ValueError, match="method must be one of"):
-        init_state("mamba", **SIZES)
+        init_state("no-such-method", **SIZES)
     with pytest.raises(TypeError, match=r"state must be a linattn\.decoding state"):
         step({"S": 0}, *tokens())
     with pytest.raises(ValueError, match="batch must be a positive integer"):
