@@ -6,6 +6,7 @@ any array-API library); :mod:`linattn.testing` compares other implementations wi
 
 from linattn import bounds, decoding, feature_maps
 from linattn.cosformer import cosformer_attention, cosformer_attention_vjp
+from linattn.delta import delta_rule, delta_rule_vjp, gated_delta_rule, gated_delta_rule_vjp
 from linattn.flash import flash_attention, flash_attention_backward
 from linattn.hybrid import hybrid_attention
 from linattn.linear import linear_attention, linear_attention_vjp
@@ -41,9 +42,13 @@ __all__ = [
     "cosformer_attention",
     "cosformer_attention_vjp",
     "decoding",
+    "delta_rule",
+    "delta_rule_vjp",
     "feature_maps",
     "flash_attention",
     "flash_attention_backward",
+    "gated_delta_rule",
+    "gated_delta_rule_vjp",
     "hybrid_attention",
     "layout_to_mask",
     "linear_attention",
