@@ -137,6 +137,152 @@ def _form_recurrent(xp, q, k, v, gk, gv, state0, chunk_size):
     return xp.concat(outputs, axis=-2), state
 
 
+def _span_limit(xp: Any, dtype: Any) -> float:
+    """The largest log-decay a factor e^{+x} of the vector-gated chunked form may carry: ln(max) / 2.
+
+    That is ≈ 44 in float32 and ≈ 354 in float64: a factor, and every product of factors
+    above the diagonal (masked afterwards), stays below √(largest finite), which leaves
+    that much room for the size of q·k before anything could overflow.
+    """
+    return math.log(float(xp.finfo(dtype).max)) / 2
+
+
+def _sub_block(xp: Any, dtype: Any) -> int:
+    """Rows per sub-block of the vector-gated chunked form (a speed choice, not a result one).
+
+    A sub-block factors safely while its gates sum to at most the span limit over its
+    rows: an average log-decay above −44/16 ≈ −2.8 per step in float32, −354/64 ≈ −5.5 in
+    float64. Stronger gates send the rows that need it to the exact path.
+    """
+    return 64 if dtype == xp.float64 else 16
+
+
+def _pad_rows(xp: Any, x: Any | None, rows: int) -> Any | None:
+    """Append zero rows to x (..., C, D) up to ``rows`` (zero k, v and gates change nothing)."""
+    if x is None or x.shape[-2] == rows:
+        return x
+    zeros = xp.zeros((*x.shape[:-2], rows - x.shape[-2], x.shape[-1]), dtype=x.dtype, device=array_api_compat.device(x))
+    return xp.concat([x, zeros], axis=-2)
+
+
+def _blocks(xp: Any, x: Any | None, m: int, c: int) -> Any | None:
+    """(..., m·c, D) -> (..., m, c, D)."""
+    return None if x is None else xp.reshape(x, (*x.shape[:-2], m, c, x.shape[-1]))
+
+
+def _product(xp: Any, a: Any, b: Any) -> Any:
+    """The matrix product a @ b; with an inner dim of 1 (HGRN's one key dim) by broadcasting.
+
+    An outer product has one product per entry either way; NumPy's matmul of such shapes
+    takes a slow path, ~10x the broadcast multiply.
+    """
+    return a * b if a.shape[-1] == 1 else xp.matmul(a, b)
+
+
+def _exact_block_diagonal(xp, q, k, v, Gk, Gv, tril):
+    """The double sum inside each sub-block, elementwise: (..., m, c, Dv) (the rows that cannot factor)."""
+    def decay(G):  # e^{G_t − G_s} for s <= t, 0 above: (..., m, c, c, D)
+        diff = _expand(xp, G, -2) - _expand(xp, G, -3)
+        return xp.exp(xp.where(_expand(xp, tril, -1) > 0, diff, -math.inf))
+
+    pairs = _expand(xp, q, -2) * _expand(xp, k, -3)
+    if Gk is not None:
+        pairs = pairs * decay(Gk)
+    scores = xp.sum(pairs, axis=-1) * tril
+    if Gv is None:
+        return xp.matmul(scores, v)
+    return xp.sum(_expand(xp, scores, -1) * _expand(xp, v, -3) * decay(Gv), axis=-2)
+
+
+def _factored_chunk(xp, q, k, v, gk, gv, state0):
+    r"""One chunk of the chunked form with vector gates, by matrix products.
+
+    The chunk is cut into sub-blocks of c steps (:func:`_sub_block`), and the chunked
+    algorithm runs again inside it, all sub-blocks at once. With a the first step of a
+    sub-block, every decay factors about G_a:
+
+    - inside the sub-block, Σ_d q_td e^{G_td − G_sd} k_sd = q̂_t · k̃_s with
+      q̂ = q e^{G − G_a} (≤ 1) and k̃ = k e^{G_a − G} (≥ 1, at most e^{G_a − G_t} for the
+      keys a row t sees): tril(Q̂ K̃ᵀ), a matrix product;
+    - the earlier sub-blocks and the chunk's entering state reach row t through the state
+      at a, E (decayed to a), as q̂_t E; each sub-block's own state is K̂ᵀV̂ with the
+      factors e^{G_end − G} ≤ 1, and E advances by the block decays.
+
+    The value gate factors the same way. Only the in-block factor k̃ can be large: a row
+    whose G_a − G_t exceeds :func:`_span_limit` takes its in-block sum elementwise
+    instead (its keys' exponents are clipped at the limit and its factored value
+    discarded), so nothing overflows whatever the gates. Every shape is fixed by the
+    chunk's length and a row's value depends only on steps up to it, so later inputs
+    leave earlier outputs bitwise unchanged, as in the other forms.
+    """
+    C = q.shape[-2]
+    c = min(_sub_block(xp, q.dtype), C)
+    m = -(-C // c)
+    limit = _span_limit(xp, q.dtype)
+    qb, kb, vb = (_blocks(xp, _pad_rows(xp, x, m * c), m, c) for x in (q, k, v))
+    # Cumulative gates from the chunk's start, as a product with the 0/1 lower triangle
+    # (3x faster than NumPy's cumsum along the time axis).
+    tril_C = xp.astype(_causal_mask(xp, m * c, array_api_compat.device(q)), q.dtype)
+    tril = tril_C[:c, :c]
+    # (the triangle gets the gates' leading dims: NumPy's matmul of a 2-D array with a
+    # stack of them can miss BLAS and run 100x slower)
+    Gk, Gv = (_blocks(xp, xp.matmul(xp.reshape(tril_C, (1,) * (g.ndim - 2) + tril_C.shape), _pad_rows(xp, g, m * c)),
+                      m, c) if g is not None else None for g in (gk, gv))
+
+    def factors(G):
+        """e^{G − G_a} (≤ 1), its inverse clipped at e^{limit}, e^{G_end − G} (≤ 1), unsafe rows."""
+        from_start = G - G[..., :1, :]
+        inside = xp.exp(from_start)
+        inverse = 1.0 / xp.maximum(inside, math.exp(-limit))
+        to_end = xp.exp(G[..., -1:, :] - G)
+        return inside, inverse, to_end, xp.any(from_start < -limit, axis=-1, keepdims=True)
+
+    q_hat, k_tilde, k_hat, v_tilde, v_hat, unsafe = qb, kb, kb, vb, vb, None
+    if Gk is not None:
+        inside, inverse, to_end, unsafe = factors(Gk)
+        q_hat, k_tilde, k_hat = qb * inside, kb * inverse, kb * to_end
+    if Gv is not None:
+        inside_v, inverse_v, to_end_v, unsafe_v = factors(Gv)
+        v_tilde, v_hat = vb * inverse_v, vb * to_end_v
+        unsafe = unsafe_v if unsafe is None else (unsafe | unsafe_v)
+    diagonal = xp.matmul(_product(xp, q_hat, xp.matrix_transpose(k_tilde)) * tril, v_tilde)
+    if Gv is not None:
+        diagonal = diagonal * inside_v
+    if bool(xp.any(unsafe)):
+        diagonal = xp.where(unsafe, _exact_block_diagonal(xp, qb, kb, vb, Gk, Gv, tril), diagonal)
+    # The state entering each sub-block, decayed to its first step a (E), which its rows read
+    # as q̂ E: E_0 = e^{G_a0} ⊙ S_in, E_{i+1} = e^{G_a(i+1) − G_a(i)} ⊙ E_i + e^{G_a(i+1) − G_end(i)} ⊙ own_i,
+    # own_i = K̂ᵀV̂ the sub-block's own state at its end; the chunk's state leaves after the last.
+    own = xp.matmul(xp.matrix_transpose(k_hat), v_hat)  # (..., m, Dk, Dv)
+
+    def decays(G):  # e^{G_a0}, e^{G_a(i+1) − G_a(i)}, e^{G_a(i+1) − G_end(i)}, e^{G_end − G_a} of the last
+        first, last = G[..., 0, :], G[..., -1, :]  # (..., m, D)
+        return (xp.exp(first[..., 0, :]), xp.exp(first[..., 1:, :] - first[..., :-1, :]),
+                xp.exp(first[..., 1:, :] - last[..., :-1, :]), xp.exp(last[..., -1, :] - first[..., -1, :]))
+
+    def scale(x, by_k, by_v):  # (e^{gk} e^{gv}ᵀ) ⊙ x with the factors already exponentiated
+        if by_k is not None:
+            x = x * _expand(xp, by_k, -1)
+        return x if by_v is None else x * _expand(xp, by_v, -2)
+
+    none = (None, None, None, None)
+    start_k, step_k, join_k, end_k = none if Gk is None else decays(Gk)
+    start_v, step_v, join_v, end_v = none if Gv is None else decays(Gv)
+    at = lambda x, i: None if x is None else x[..., i, :]  # noqa: E731
+    joined = scale(own[..., :-1, :, :], join_k, join_v)
+    E = [xp.zeros_like(own[..., 0, :, :]) if state0 is None else scale(state0, start_k, start_v)]
+    for i in range(m - 1):
+        E.append(scale(E[-1], at(step_k, i), at(step_v, i)) + joined[..., i, :, :])
+    state = scale(E[-1], end_k, end_v) + own[..., -1, :, :]
+    if any(e.shape != E[-1].shape for e in E):  # a zero first state may lack the gates' leading dims
+        E = xp.broadcast_arrays(*E)
+    E = xp.stack(E, axis=-3)
+    o = _product(xp, q_hat, E)
+    o = diagonal + (o if Gv is None else o * inside_v)
+    o = xp.reshape(o, (*o.shape[:-3], m * c, o.shape[-1]))[..., :C, :]
+    return o, state
+
+
 def _form_chunked(xp, q, k, v, gk, gv, state0, chunk_size):
     """The parallel form on each chunk in turn, carrying the state from chunk to chunk.
 
@@ -149,12 +295,16 @@ def _form_chunked(xp, q, k, v, gk, gv, state0, chunk_size):
     T = q.shape[-2]
     if T == 0:
         return _form_parallel(xp, q, k, v, gk, gv, state0, chunk_size)
+    vector_gates = (gk is not None and gk.shape[-1] > 1) or gv is not None
     state = state0
     outputs = []
     for a in range(0, T, chunk_size):
         b = min(a + chunk_size, T)  # the array API leaves slices past the end unspecified
         chunk = [None if x is None else x[..., a:b, :] for x in (q, k, v, gk, gv)]
-        o, state = _form_parallel(xp, *chunk, state, chunk_size)
+        if vector_gates:  # the elementwise double sum would cost O(C²·D) per chunk
+            o, state = _factored_chunk(xp, *chunk, state)
+        else:
+            o, state = _form_parallel(xp, *chunk, state, chunk_size)
         outputs.append(o)
     return xp.concat(outputs, axis=-2), state
 
