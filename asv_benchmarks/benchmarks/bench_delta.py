@@ -6,11 +6,12 @@ The chunked forward should grow linearly in T; the recurrent form and the VJP (t
 reverse-mode loop, the reference) are Python loops over T and are timed at small T only.
 """
 
-import tracemalloc
 
 import numpy as np
 
 import linattn.delta as delta
+
+from ._memory import traced_peak_bytes
 
 B, H, D = 1, 4, 64
 LENGTHS = (512, 2048, 8192)
@@ -45,15 +46,7 @@ class Chunked:
         _run(gated, *self.inputs)
 
     def track_peak_traced_bytes(self, gated, T):
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            base, _ = tracemalloc.get_traced_memory()
-            _run(gated, *self.inputs)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        return peak - base
+        return traced_peak_bytes(lambda: _run(gated, *self.inputs))
 
     track_peak_traced_bytes.unit = "bytes"
 

@@ -8,7 +8,6 @@ H=4, D=64, float32, chunks of 64. Their time should grow linearly in T;
 needs at T = 16384.
 """
 
-import tracemalloc
 
 import numpy as np
 
@@ -17,6 +16,8 @@ import linattn.hgrn
 import linattn.mamba2
 import linattn.rwkv
 from linattn.compare import compared_methods
+
+from ._memory import traced_peak_bytes
 
 B, H, D = 1, 4, 64
 METHODS = ("simple_gla", "retention", "mamba2", "gla", "rwkv6", "hgrn")
@@ -44,16 +45,7 @@ class GatedForward:
         self.run(self.q, self.k, self.v, causal=True)
 
     def track_peak_traced_bytes(self, method, T):
-        self.run(self.q, self.k, self.v, causal=True)
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            base, _ = tracemalloc.get_traced_memory()
-            self.run(self.q, self.k, self.v, causal=True)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        return peak - base
+        return traced_peak_bytes(lambda: self.run(self.q, self.k, self.v, causal=True))
 
     track_peak_traced_bytes.unit = "bytes"
 

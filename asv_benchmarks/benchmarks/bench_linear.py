@@ -7,12 +7,13 @@ M = T, hybrid with half the heads local, window 64), causal, B=1, H=4, D=64, flo
 left out above T = 2048, where its T×T scores dominate (see bench_softmax).
 """
 
-import tracemalloc
 
 import numpy as np
 
 import linattn  # imported for its side effect: every method registers itself
 from linattn.compare import compared_methods
+
+from ._memory import traced_peak_bytes
 
 B, H, D = 1, 4, 64
 METHODS = ("linear", "performer", "cosformer", "hybrid", "flash")
@@ -40,16 +41,8 @@ class Forward:
         self.run(self.q, self.k, self.v, causal=True)
 
     def track_peak_traced_bytes(self, method, T):
-        self.run(self.q, self.k, self.v, causal=True)
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            base, _ = tracemalloc.get_traced_memory()
-            self.run(self.q, self.k, self.v, causal=True)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        return peak - base
+        self.run(self.q, self.k, self.v, causal=True)  # untraced first: one-time allocations are not counted
+        return traced_peak_bytes(lambda: self.run(self.q, self.k, self.v, causal=True))
 
     track_peak_traced_bytes.unit = "bytes"
 

@@ -6,13 +6,14 @@ fast one on a CPU; the chunked form (linattn.scan.causal_scan with Dk = N, Dv = 
 per-key log-decay) does about C times its arithmetic, so chunk 64 runs on short lengths only.
 """
 
-import tracemalloc
 
 import numpy as np
 
 import linattn.mamba  # noqa: F401 (registers "mamba" for init_state)
 from linattn.decoding import init_state, step
 from linattn.mamba import selective_scan, selective_scan_vjp
+
+from ._memory import traced_peak_bytes
 
 D, N = 512, 16
 FORMS = ("recurrent", "chunked-8", "chunked-64")
@@ -59,15 +60,7 @@ class Forward:
         selective_scan(**self.problem, **self.options)
 
     def track_peak_traced_bytes(self, form, T):
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            base, _ = tracemalloc.get_traced_memory()
-            selective_scan(**self.problem, **self.options)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        return peak - base
+        return traced_peak_bytes(lambda: selective_scan(**self.problem, **self.options))
 
     track_peak_traced_bytes.unit = "bytes"
 

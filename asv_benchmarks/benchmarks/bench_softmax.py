@@ -9,11 +9,12 @@ peak resident set size, which also includes the interpreter, NumPy and the input
 Shapes: causal self-attention, B=1, H=4, D=64, float32, T from 256 to 2048.
 """
 
-import tracemalloc
 
 import numpy as np
 
 import linattn
+
+from ._memory import traced_peak_bytes
 
 B, H, D = 1, 4, 64
 DTYPE = np.float32
@@ -63,22 +64,8 @@ class Forward:
         _forward(method, self.q, self.k, self.v)
 
     def track_peak_traced_bytes(self, method, T):
-        # One untraced call first, so one-time allocations (caches, lazy imports) are not
-        # counted; then the peak of everything allocated during one call, NumPy's array
-        # buffers included (NumPy reports them to tracemalloc).
-        _forward(method, self.q, self.k, self.v)
-        was_tracing = tracemalloc.is_tracing()
-        if not was_tracing:
-            tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            base, _ = tracemalloc.get_traced_memory()
-            _forward(method, self.q, self.k, self.v)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            if not was_tracing:
-                tracemalloc.stop()
-        return peak - base
+        _forward(method, self.q, self.k, self.v)  # untraced first: one-time allocations are not counted
+        return traced_peak_bytes(lambda: _forward(method, self.q, self.k, self.v))
 
     track_peak_traced_bytes.unit = "bytes"
 
