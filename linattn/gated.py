@@ -542,6 +542,14 @@ def _state_sizes(S: Any, name: str = "final_state") -> tuple[Any, tuple[int, ...
     return xp, tuple(int(n) for n in S.shape)
 
 
+def _zero_state(batch: int, kv_heads: int, key_dim: int, value_dim: int, dtype: Any, xp: Any, device: Any) -> Any:
+    """The zero state S (B, Hkv, Dk, Dv) of a decoding state before any token."""
+    sizes = _sizes(batch=batch, kv_heads=kv_heads, key_dim=key_dim, value_dim=value_dim)
+    ns, dtype, device = _allocator(xp, dtype, device)
+    return ns.zeros((sizes["batch"], sizes["kv_heads"], sizes["key_dim"], sizes["value_dim"]), dtype=dtype,
+                    device=device)
+
+
 @dataclass(frozen=True, eq=False)
 class SimpleGLAState:
     r"""Decoding state of :func:`simple_gla`: S (B, Hkv, Dk, Dv), advanced by S_t = e^{g_t} S_{t−1} + k_t v_tᵀ.
@@ -602,10 +610,7 @@ class SimpleGLAState:
         -------
         SimpleGLAState
         """
-        sizes = _sizes(batch=batch, kv_heads=kv_heads, key_dim=key_dim, value_dim=value_dim)
-        ns, dtype, device = _allocator(xp, dtype, device)
-        S = ns.zeros((sizes["batch"], sizes["kv_heads"], sizes["key_dim"], sizes["value_dim"]), dtype=dtype,
-                     device=device)
+        S = _zero_state(batch, kv_heads, key_dim, value_dim, dtype, xp, device)
         return cls.from_final_state(S, g_gamma=g_gamma, scale=scale)
 
     @classmethod
@@ -654,26 +659,6 @@ class RetentionState(SimpleGLAState):
     >>> [round(float(x), 4) for x in state.g_gamma]
     [-0.0317, -0.0157]
     """
-
-    @classmethod
-    def initial(cls, *, batch: int, kv_heads: int, key_dim: int, value_dim: int, dtype: Any = None, xp: Any = None,
-                device: Any = None, g_gamma: Any = None, scale: float | None = None) -> RetentionState:
-        """The state before any token (see :meth:`SimpleGLAState.initial`); g_gamma default RetNet's.
-
-        Parameters
-        ----------
-        batch, kv_heads, key_dim, value_dim, dtype, xp, device, g_gamma, scale
-            As in :meth:`SimpleGLAState.initial`.
-
-        Returns
-        -------
-        RetentionState
-        """
-        sizes = _sizes(batch=batch, kv_heads=kv_heads, key_dim=key_dim, value_dim=value_dim)
-        ns, dtype, device = _allocator(xp, dtype, device)
-        S = ns.zeros((sizes["batch"], sizes["kv_heads"], sizes["key_dim"], sizes["value_dim"]), dtype=dtype,
-                     device=device)
-        return cls.from_final_state(S, g_gamma=g_gamma, scale=scale)
 
     @classmethod
     def from_final_state(cls, final_state: Any, *, g_gamma: Any = None, scale: float | None = None) -> RetentionState:
@@ -740,10 +725,7 @@ class GLAState:
         -------
         GLAState
         """
-        sizes = _sizes(batch=batch, kv_heads=kv_heads, key_dim=key_dim, value_dim=value_dim)
-        ns, dtype, device = _allocator(xp, dtype, device)
-        S = ns.zeros((sizes["batch"], sizes["kv_heads"], sizes["key_dim"], sizes["value_dim"]), dtype=dtype,
-                     device=device)
+        S = _zero_state(batch, kv_heads, key_dim, value_dim, dtype, xp, device)
         return cls.from_final_state(S, scale=scale)
 
     @classmethod

@@ -9,6 +9,7 @@ exponent is a relative error of the same size in its factor.
 """
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 from hypothesis import strategies as st
@@ -123,3 +124,36 @@ def fd_atol(loss_size, T, kappa, terms):
     of exponentials in the gates: truncation ~h²·|L| (negligible); rounding: the forward's
     error, 8ε·sqrt(terms)·κ of the loss' size, divided by h."""
     return tolerance(np.float64, terms, kappa) / FD_STEP * max(loss_size, 1.0)
+
+
+def sliced(p, lo, hi, **changes):
+    """The problem ``p`` with its per-time arrays (``p.PER_TIME``) cut to steps [lo, hi)."""
+    cut = {name: None if getattr(p, name) is None else getattr(p, name)[:, lo:hi] for name in p.PER_TIME}
+    return replace(p, **cut, **changes)
+
+
+def check_state_passing(p, split, chunk, by_definition):
+    """run(x1 ++ x2) == run(x2, initial_state=final(run(x1))), outputs and final state.
+
+    ``by_definition(p, absolute=True)`` gives the magnitudes (outputs, state) of the terms
+    summed, which set the float64 bound.
+    """
+    o, S = p.run(chunk_size=chunk, output_final_state=True)
+    o1, mid = sliced(p, 0, split).run(chunk_size=chunk, output_final_state=True)
+    o2, S2 = sliced(p, split, p.T, state=mid).run(chunk_size=chunk, output_final_state=True)
+    o_mag, s_mag = by_definition(p, absolute=True)
+    # float64: the two runs round their partial sums elsewhere than the one run
+    assert_within(np.concatenate([p.bthd(o1), p.bthd(o2)], axis=1), p.bthd(o),
+                  2 * bound(np.float64, o_mag, p.terms, p.kappa), "o")
+    assert_within(S2, S, 2 * bound(np.float64, s_mag, p.terms, p.kappa), "state")
+
+
+def check_cu_seqlens(p, form):
+    """A packed batch equals the loop over its sequences, each with its own initial state."""
+    o, S = p.run(form=form, chunk_size=3, output_final_state=True)
+    for n, _, lo, hi in sequences(1, p.T, p.cu):
+        alone = sliced(p, lo, hi, cu=None, state=None if p.state is None else p.state[n:n + 1])
+        o_seg, S_seg = alone.run(form=form, chunk_size=3, output_final_state=True)
+        # the same calls on the same values (empty and length-1 segments included)
+        np.testing.assert_array_equal(p.bthd(o)[:, lo:hi], alone.bthd(o_seg), err_msg=f"segment {n}")
+        np.testing.assert_array_equal(S[n:n + 1], S_seg, err_msg=f"segment {n} state")

@@ -17,7 +17,9 @@ from gated_cases import (
     FORMS,
     assert_within,
     bound,
+    check_cu_seqlens,
     check_fd,
+    check_state_passing,
     chunk_sizes,
     condition,
     fd_atol,
@@ -52,6 +54,7 @@ GATES = ("none", "step", "gamma", "key", "key+value", "value")
 
 @dataclass
 class Problem:
+    PER_TIME = ("q", "k", "v", "g", "gk", "gv")  # the arrays with a time axis
     """Inputs in (B, T, H, D) order (float64); ``layout`` is how they are passed."""
 
     q: np.ndarray
@@ -264,36 +267,14 @@ def test_prefix_is_bitwise_unchanged_by_later_inputs(p, data):
 @settings(max_examples=25)
 @given(problems(varlen=False), st.data())
 def test_state_passing_equals_one_run(p, data):
-    split = data.draw(st.integers(0, p.T))
-    chunk = data.draw(st.integers(1, p.T + 1))
-    o, S = p.run(chunk_size=chunk, output_final_state=True)
-
-    def part(lo, hi, state):
-        cut = lambda x: None if x is None else x[:, lo:hi]  # noqa: E731
-        return replace(p, q=p.q[:, lo:hi], k=p.k[:, lo:hi], v=p.v[:, lo:hi], g=cut(p.g), gk=cut(p.gk), gv=cut(p.gv),
-                       state=state)
-
-    o1, mid = part(0, split, p.state).run(chunk_size=chunk, output_final_state=True)
-    o2, S2 = part(split, p.T, mid).run(chunk_size=chunk, output_final_state=True)
-    o_mag, s_mag = by_definition(p, absolute=True)
-    # float64: the two runs round their partial sums elsewhere than the one run
-    limit = 2 * bound(np.float64, o_mag, p.terms, p.kappa)
-    assert_within(np.concatenate([p.bthd(o1), p.bthd(o2)], axis=1), p.bthd(o), limit, "o")
-    assert_within(S2, S, 2 * bound(np.float64, s_mag, p.terms, p.kappa), "state")
+    split, chunk = data.draw(st.integers(0, p.T)), data.draw(st.integers(1, p.T + 1))
+    check_state_passing(p, split, chunk, by_definition)
 
 
 @settings(max_examples=25)
 @given(problems(varlen=True), st.sampled_from(FORMS))
 def test_cu_seqlens_equals_the_per_segment_loop(p, form):
-    o, S = p.run(form=form, chunk_size=3, output_final_state=True)
-    for n, _, lo, hi in sequences(1, p.T, p.cu):
-        cut = lambda x, lo=lo, hi=hi: None if x is None else x[:, lo:hi]  # noqa: E731
-        alone = replace(p, q=p.q[:, lo:hi], k=p.k[:, lo:hi], v=p.v[:, lo:hi], g=cut(p.g), gk=cut(p.gk),
-                        gv=cut(p.gv), state=None if p.state is None else p.state[n:n + 1], cu=None)
-        o_seg, S_seg = alone.run(form=form, chunk_size=3, output_final_state=True)
-        # the same calls on the same values (empty and length-1 segments included)
-        np.testing.assert_array_equal(p.bthd(o)[:, lo:hi], alone.bthd(o_seg), err_msg=f"segment {n}")
-        np.testing.assert_array_equal(S[n:n + 1], S_seg, err_msg=f"segment {n} state")
+    check_cu_seqlens(p, form)
 
 
 def test_empty_sequences_return_their_initial_state():

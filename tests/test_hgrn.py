@@ -15,7 +15,9 @@ from gated_cases import (
     FORMS,
     assert_within,
     bound,
+    check_cu_seqlens,
     check_fd,
+    check_state_passing,
     chunk_sizes,
     condition,
     fd_atol,
@@ -35,6 +37,7 @@ from linattn.testing import numerical_vjp, tolerance
 
 @dataclass
 class HGRN:
+    PER_TIME = ("x", "g")  # the arrays with a time axis
     x: np.ndarray
     g: np.ndarray
     state: np.ndarray | None = None
@@ -48,6 +51,9 @@ class HGRN:
     def run(self, dtype=None, **kw):
         cast = (lambda a: a) if dtype is None else (lambda a: None if a is None else a.astype(dtype))
         return hgrn(cast(self.x), cast(self.g), initial_state=cast(self.state), cu_seqlens=self.cu, **kw)
+
+    def bthd(self, x):
+        return x  # (B, T, D): no heads, already time-major
 
     @property
     def kappa(self):
@@ -119,26 +125,13 @@ def test_prefix_is_bitwise_unchanged_by_later_inputs(p, data):
 @given(hgrn_problems(varlen=False), st.data())
 def test_state_passing_equals_one_run(p, data):
     split, chunk = data.draw(st.integers(0, p.T)), data.draw(st.integers(1, p.T + 1))
-    o, h = p.run(chunk_size=chunk, output_final_state=True)
-    o1, mid = replace(p, x=p.x[:, :split], g=p.g[:, :split]).run(chunk_size=chunk, output_final_state=True)
-    o2, h2 = replace(p, x=p.x[:, split:], g=p.g[:, split:], state=mid).run(chunk_size=chunk, output_final_state=True)
-    o_mag, h_mag = naive_recurrent_hgrn(p, absolute=True)
-    # float64: the two runs round their partial sums elsewhere than the one run
-    assert_within(np.concatenate([o1, o2], axis=1), o, 2 * bound(np.float64, o_mag, p.terms, p.kappa))
-    assert_within(h2, h, 2 * bound(np.float64, h_mag, p.terms, p.kappa))
+    check_state_passing(p, split, chunk, naive_recurrent_hgrn)
 
 
 @settings(max_examples=20)
 @given(hgrn_problems(varlen=True), st.sampled_from(FORMS))
 def test_cu_seqlens_equals_the_per_segment_loop(p, form):
-    o, h = p.run(form=form, chunk_size=3, output_final_state=True)
-    for n, _, lo, hi in sequences(1, p.T, p.cu):
-        alone = replace(p, x=p.x[:, lo:hi], g=p.g[:, lo:hi], cu=None,
-                        state=None if p.state is None else p.state[n:n + 1])
-        o_seg, h_seg = alone.run(form=form, chunk_size=3, output_final_state=True)
-        # the same calls on the same values (empty and length-1 segments included)
-        np.testing.assert_array_equal(o[:, lo:hi], o_seg, err_msg=f"segment {n}")
-        np.testing.assert_array_equal(h[n:n + 1], h_seg, err_msg=f"segment {n} state")
+    check_cu_seqlens(p, form)
 
 
 @settings(max_examples=15)

@@ -15,7 +15,9 @@ from gated_cases import (
     FORMS,
     assert_within,
     bound,
+    check_cu_seqlens,
     check_fd,
+    check_state_passing,
     chunk_sizes,
     condition,
     fd_atol,
@@ -39,6 +41,7 @@ PER_TIME = ("x", "dt", "B", "C")  # the arrays with a time axis (moved by the la
 
 @dataclass
 class SSD:
+    PER_TIME = PER_TIME
     """Inputs in (batch, T, H, ·) order; ``layout`` is how they are passed."""
 
     x: np.ndarray
@@ -182,31 +185,13 @@ def test_prefix_is_bitwise_unchanged_by_later_inputs(p, data):
 @given(ssd_problems(varlen=False), st.data())
 def test_state_passing_equals_one_run(p, data):
     split, chunk = data.draw(st.integers(0, p.T)), data.draw(st.integers(1, p.T + 1))
-    y, h = p.run(chunk_size=chunk, output_final_state=True)
-
-    def part(lo, hi, state):
-        return replace(p, x=p.x[:, lo:hi], dt=p.dt[:, lo:hi], B=p.B[:, lo:hi], C=p.C[:, lo:hi], state=state)
-
-    y1, mid = part(0, split, p.state).run(chunk_size=chunk, output_final_state=True)
-    y2, h2 = part(split, p.T, mid).run(chunk_size=chunk, output_final_state=True)
-    y_mag, h_mag = ssd_by_definition(p, absolute=True)
-    # float64: the two runs round their partial sums elsewhere than the one run
-    assert_within(np.concatenate([p.bthd(y1), p.bthd(y2)], axis=1), p.bthd(y),
-                  2 * bound(np.float64, y_mag, p.terms, p.kappa))
-    assert_within(h2, h, 2 * bound(np.float64, h_mag, p.terms, p.kappa))
+    check_state_passing(p, split, chunk, ssd_by_definition)
 
 
 @settings(max_examples=20)
 @given(ssd_problems(varlen=True), st.sampled_from(FORMS))
 def test_cu_seqlens_equals_the_per_segment_loop(p, form):
-    y, h = p.run(form=form, chunk_size=3, output_final_state=True)
-    for n, _, lo, hi in sequences(1, p.T, p.cu):
-        alone = replace(p, x=p.x[:, lo:hi], dt=p.dt[:, lo:hi], B=p.B[:, lo:hi], C=p.C[:, lo:hi], cu=None,
-                        state=None if p.state is None else p.state[n:n + 1])
-        y_seg, h_seg = alone.run(form=form, chunk_size=3, output_final_state=True)
-        # the same calls on the same values (empty and length-1 segments included)
-        np.testing.assert_array_equal(p.bthd(y)[:, lo:hi], alone.bthd(y_seg), err_msg=f"segment {n}")
-        np.testing.assert_array_equal(h[n:n + 1], h_seg, err_msg=f"segment {n} state")
+    check_cu_seqlens(p, form)
 
 
 @settings(max_examples=15)

@@ -16,7 +16,9 @@ from gated_cases import (
     FORMS,
     assert_within,
     bound,
+    check_cu_seqlens,
     check_fd,
+    check_state_passing,
     chunk_sizes,
     condition,
     fd_atol,
@@ -39,6 +41,7 @@ PER_TIME = ("r", "k", "v", "w")
 
 @dataclass
 class RWKV:
+    PER_TIME = PER_TIME  # the arrays with a time axis
     r: np.ndarray
     k: np.ndarray
     v: np.ndarray
@@ -177,31 +180,13 @@ def test_prefix_is_bitwise_unchanged_by_later_inputs(p, data):
 @given(rwkv_problems(varlen=False), st.data())
 def test_state_passing_equals_one_run(p, data):
     split, chunk = data.draw(st.integers(0, p.T)), data.draw(st.integers(1, p.T + 1))
-    o, S = p.run(chunk_size=chunk, output_final_state=True)
-
-    def part(lo, hi, state):
-        return replace(p, r=p.r[:, lo:hi], k=p.k[:, lo:hi], v=p.v[:, lo:hi], w=p.w[:, lo:hi], state=state)
-
-    o1, mid = part(0, split, p.state).run(chunk_size=chunk, output_final_state=True)
-    o2, S2 = part(split, p.T, mid).run(chunk_size=chunk, output_final_state=True)
-    o_mag, s_mag = naive_recurrent_rwkv6(p, absolute=True)
-    # float64: the two runs round their partial sums elsewhere than the one run
-    assert_within(np.concatenate([p.bthd(o1), p.bthd(o2)], axis=1), p.bthd(o),
-                  2 * bound(np.float64, o_mag, p.terms, p.kappa))
-    assert_within(S2, S, 2 * bound(np.float64, s_mag, p.terms, p.kappa))
+    check_state_passing(p, split, chunk, naive_recurrent_rwkv6)
 
 
 @settings(max_examples=20)
 @given(rwkv_problems(varlen=True), st.sampled_from(FORMS))
 def test_cu_seqlens_equals_the_per_segment_loop(p, form):
-    o, S = p.run(form=form, chunk_size=3, output_final_state=True)
-    for n, _, lo, hi in sequences(1, p.T, p.cu):
-        alone = replace(p, r=p.r[:, lo:hi], k=p.k[:, lo:hi], v=p.v[:, lo:hi], w=p.w[:, lo:hi], cu=None,
-                        state=None if p.state is None else p.state[n:n + 1])
-        o_seg, S_seg = alone.run(form=form, chunk_size=3, output_final_state=True)
-        # the same calls on the same values (empty and length-1 segments included)
-        np.testing.assert_array_equal(p.bthd(o)[:, lo:hi], alone.bthd(o_seg), err_msg=f"segment {n}")
-        np.testing.assert_array_equal(S[n:n + 1], S_seg, err_msg=f"segment {n} state")
+    check_cu_seqlens(p, form)
 
 
 @settings(max_examples=15)
