@@ -114,10 +114,32 @@ def _check_layout_fits(block_layout: Any, T: int, S: int) -> BlockLayout:
 
 
 def layout_to_mask(block_layout: BlockLayout, T: int, S: int) -> np.ndarray:
-    """Expand a block layout to its dense boolean (T, S) mask (True = may attend).
+    r"""Expand a block layout to its dense boolean (T, S) mask (True = may attend).
 
     For tests and for inspecting small problems only: this is the T×S array the sparse
     functions never form.
+
+    .. math::
+
+        M_{ij} = [\,\lfloor j / b \rfloor \in \text{key blocks of query block } \lfloor i / b \rfloor\,]
+
+    Parameters
+    ----------
+    block_layout : BlockLayout
+        The layout, with block size b.
+    T, S : int
+        Numbers of queries and keys the layout must cover.
+
+    Returns
+    -------
+    numpy.ndarray of bool, shape (T, S)
+
+    Raises
+    ------
+    TypeError
+        If ``block_layout`` is not a :class:`BlockLayout`.
+    ValueError
+        If the layout does not fit (T, S).
 
     Examples
     --------

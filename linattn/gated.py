@@ -394,6 +394,15 @@ def retention_vjp(q: Any, k: Any, v: Any, do: Any, *, g_gamma: Any = None, scale
     -------
     SimpleGLAGradients
         dg is None; dg_gamma is None unless ``g_gamma`` was given.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linattn import retention_vjp
+    >>> q, k, v, do = (np.random.default_rng(0).standard_normal((1, 5, 2, 3)) for _ in range(4))
+    >>> grads = retention_vjp(q, k, v, do)
+    >>> grads.dq.shape, grads.dg_gamma is None
+    ((1, 5, 2, 3), True)
     """
     grads = simple_gla_vjp(q, k, v, None, do, g_gamma=_retention_gamma(q, k, layout, g_gamma), scale=scale,
                            initial_state=initial_state, dfinal_state=dfinal_state, cu_seqlens=cu_seqlens, form=form,

@@ -355,7 +355,25 @@ def bigbird_attention_vjp(
     global_blocks: int | Sequence[int] = 2, random_blocks: int = 3, rng: Any = None, causal: bool = False,
     scale: float | None = None, layout: str = "bthd", backend: str | None = None,
 ) -> tuple[Any, Any, Any]:
-    """Gradients (dq, dk, dv) of :func:`bigbird_attention` (same arguments, same ``rng`` seed), block by block.
+    """Compute the gradients (dq, dk, dv) of :func:`bigbird_attention` block by block.
+
+    With P the probabilities over the keys the layout allows (the same P as the
+    forward), dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ = scale·dS K,
+    dK = scale·dSᵀ Q, each computed one query block at a time over its gathered keys.
+
+    Parameters
+    ----------
+    q, k, v : array
+        The forward's inputs.
+    do : array, shape (B, T, Hq, Dv)
+        Cotangent of the output.
+    block_size, window_blocks, global_blocks, random_blocks, rng, causal, scale, layout, backend
+        As in :func:`bigbird_attention`; they must be the forward's (the same ``rng`` seed).
+
+    Returns
+    -------
+    dq, dk, dv : array
+        Shaped like q, k, v, in their dtype.
 
     Examples
     --------
@@ -486,7 +504,25 @@ def longformer_attention_vjp(
     causal: bool = False, scale: float | None = None, layout: str = "bthd", block_size: int = 64,
     backend: str | None = None,
 ) -> tuple[Any, Any, Any]:
-    """Gradients (dq, dk, dv) of :func:`longformer_attention` (same arguments), block by block.
+    """Compute the gradients (dq, dk, dv) of :func:`longformer_attention` block by block.
+
+    With P the probabilities over the keys the layout allows (the same P as the
+    forward), dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ = scale·dS K,
+    dK = scale·dSᵀ Q, each computed one query block at a time over its gathered keys.
+
+    Parameters
+    ----------
+    q, k, v : array
+        The forward's inputs.
+    do : array, shape (B, T, Hq, Dv)
+        Cotangent of the output.
+    window, global_tokens, causal, scale, layout, block_size, backend
+        As in :func:`longformer_attention`; they must be the forward's.
+
+    Returns
+    -------
+    dq, dk, dv : array
+        Shaped like q, k, v, in their dtype.
 
     Examples
     --------
