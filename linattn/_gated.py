@@ -121,11 +121,11 @@ def map_sequences(fn: Callable[..., tuple[tuple[Any, ...], tuple[Any, ...]]], of
 
 
 def scan(q: Any, k: Any, v: Any, *, gk: Any, gv: Any, initial_state: Any, offsets: tuple[int, ...] | None,
-         form: str, chunk_size: int) -> tuple[Any, Any]:
+         form: str, chunk_size: int, backend: Any = None) -> tuple[Any, Any]:
     """:func:`linattn.scan.causal_scan` on each sequence with its own state: (o, final states)."""
     def run(seg: list[Any], states: list[Any]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         o, final = causal_scan(seg[0], seg[1], seg[2], gk=seg[3], gv=seg[4], initial_state=states[0], form=form,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, backend=backend)
         return (o,), (final,)
 
     (o,), (final,) = map_sequences(run, offsets, (q, k, v, gk, gv), (initial_state,))
@@ -133,11 +133,11 @@ def scan(q: Any, k: Any, v: Any, *, gk: Any, gv: Any, initial_state: Any, offset
 
 
 def scan_vjp(q: Any, k: Any, v: Any, do: Any, *, gk: Any, gv: Any, initial_state: Any, dfinal_state: Any,
-             offsets: tuple[int, ...] | None, form: str, chunk_size: int) -> ScanGradients:
+             offsets: tuple[int, ...] | None, form: str, chunk_size: int, backend: Any = None) -> ScanGradients:
     """:func:`linattn.scan.causal_scan_vjp` on each sequence with its own state, joined."""
     def run(seg: list[Any], states: list[Any]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         g = causal_scan_vjp(seg[0], seg[1], seg[2], seg[3], gk=seg[4], gv=seg[5], initial_state=states[0],
-                            dfinal_state=states[1], form=form, chunk_size=chunk_size)
+                            dfinal_state=states[1], form=form, chunk_size=chunk_size, backend=backend)
         return (g.dq, g.dk, g.dv, g.dgk, g.dgv), (g.dinitial_state,)
 
     (dq, dk, dv, dgk, dgv), (ds,) = map_sequences(run, offsets, (q, k, v, do, gk, gv), (initial_state, dfinal_state))
@@ -165,6 +165,7 @@ class QKVProblem:
     scale: float
     form: str
     chunk_size: int
+    backend: Any = None
 
     def gate_shape(self, width: int | None) -> tuple[int, ...]:
         """The caller's shape of a gate: (B, T, Hkv) for one per step, (B, T, Hkv, width) per channel."""
@@ -188,7 +189,7 @@ def prepare_qkv(q: Any, k: Any, v: Any, *, scale: Any, initial_state: Any, cu_se
     """Check q, k, v (GQA allowed, T == S), the options and the initial state; lay them out grouped."""
     layout = _checks.check_layout(layout)
     xp = _checks.namespace_of(q=q, k=k, v=v, initial_state=initial_state)
-    resolve_backend(backend, xp)
+    chosen = resolve_backend(backend, xp)
     chunk_size = check_form(form, chunk_size)
     shapes = _checks.check_qkv(q, k, v, layout, xp)
     if shapes.q_len != shapes.kv_len:
@@ -204,7 +205,7 @@ def prepare_qkv(q: Any, k: Any, v: Any, *, scale: Any, initial_state: Any, cu_se
         check_state("initial_state", initial_state, expected, xp, "(N, Hkv, Dk, Dv)")
         state = xp.expand_dims(xp.astype(initial_state, dtype, copy=False), axis=2)
     q5 = q5 if scale == 1.0 else q5 * scale
-    return QKVProblem(xp, shapes, layout, seqs, q5, k5, v5, None, None, state, scale, form, chunk_size)
+    return QKVProblem(xp, shapes, layout, seqs, q5, k5, v5, None, None, state, scale, form, chunk_size, chosen)
 
 
 def qkv_cotangents(p: QKVProblem, do: Any, dfinal_state: Any) -> tuple[Any, Any]:
@@ -261,16 +262,23 @@ def step_chunk(n: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def cycling(shape: tuple[int, ...], values: Sequence[float], dtype: Any) -> np.ndarray:
+def cycling(shape: tuple[int, ...], values: Sequence[float], like: Any) -> Any:
     """values[(Σ_i (i + 1)·index_i) mod len(values)] at every index: fixed, varied, exact in float16.
 
     ``linattn compare`` gives a method only q, k and v; a gated method's other inputs are
     these deterministic arrays, made of dyadic fractions so that the float16, float32 and
-    float64 runs and the float64 reference all see exactly the same values.
+    float64 runs and the float64 reference all see exactly the same values. The result
+    has the dtype, array library and device of ``like``.
     """
     index = sum((i + 1) * np.arange(n).reshape([-1 if j == i else 1 for j in range(len(shape))])
                 for i, n in enumerate(shape))
-    return np.asarray(values, dtype=np.float64)[np.asarray(index) % len(values)].astype(dtype)
+    return like_array(np.asarray(values, dtype=np.float64)[np.asarray(index) % len(values)], like)
+
+
+def like_array(x: np.ndarray, like: Any) -> Any:
+    """The host array ``x`` in the dtype, array library and device of ``like``."""
+    xp = array_api_compat.array_namespace(like)
+    return xp.asarray(x, dtype=like.dtype, device=array_api_compat.device(like))
 
 
 COMPARE_LOG_DECAYS = (-1 / 16, -1 / 8, -1 / 4, -1 / 2)

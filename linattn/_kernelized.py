@@ -84,6 +84,7 @@ class KernelizedProblem:
     v: Any
     cu_seqlens: tuple[int, ...] | None
     options: ScanOptions
+    backend: Any = None
 
     def segments(self) -> list[tuple[slice, slice]]:
         """(query rows, key rows) of each sequence: the ``cu_seqlens`` segments, or all of them.
@@ -120,7 +121,7 @@ def prepare(q: Any, k: Any, v: Any, *, layout: str, cu_seqlens: Any, backend: st
     """Check q, k, v, layout, cu_seqlens and the backend; lay the heads out for GQA."""
     layout = _checks.check_layout(layout)
     xp = _checks.namespace_of(q=q, k=k, v=v)
-    resolve_backend(backend, xp)
+    chosen = resolve_backend(backend, xp)
     shapes = _checks.check_qkv(q, k, v, layout, xp)
     if options.causal and shapes.q_len != shapes.kv_len:
         raise ValueError(
@@ -130,7 +131,7 @@ def prepare(q: Any, k: Any, v: Any, *, layout: str, cu_seqlens: Any, backend: st
     offsets = _checks.check_cu_seqlens(cu_seqlens, shapes)
     dtype = compute_dtype(xp, q.dtype)
     q5, k5, v5 = (to_grouped(xp, xp.astype(x, dtype, copy=False), layout, shapes.kv_heads) for x in (q, k, v))
-    return KernelizedProblem(xp, shapes, layout, q.dtype, q5, k5, v5, offsets, options)
+    return KernelizedProblem(xp, shapes, layout, q.dtype, q5, k5, v5, offsets, options, chosen)
 
 
 def check_state(problem: KernelizedProblem, initial_state: Any, feature_dim: int, name: str = "initial_state") -> Any:
@@ -191,7 +192,8 @@ def _scan(problem: KernelizedProblem, fq: Any, fk: Any, v: Any, state: Any) -> t
     if opt.normalize:
         v = _with_ones(xp, v)
     if opt.causal:
-        return causal_scan(fq, fk, v, initial_state=state, form=opt.form, chunk_size=opt.chunk_size)
+        return causal_scan(fq, fk, v, initial_state=state, form=opt.form, chunk_size=opt.chunk_size,
+                           backend=problem.backend)
     kt = xp.matrix_transpose(fk)
     o = xp.matmul(xp.matmul(fq, kt), v) if opt.form == "parallel" else xp.matmul(fq, xp.matmul(kt, v))
     return o, None
@@ -254,7 +256,7 @@ def vjp(problem: KernelizedProblem, featurizer: Featurizer, do: Any, initial_sta
             do_in = xp.concat([do_seg * inv, d_den], axis=-1)
         if opt.causal:
             g = causal_scan_vjp(fq, fk, v_in, do_in, initial_state=state, dfinal_state=dstate, form=opt.form,
-                                chunk_size=opt.chunk_size)
+                                chunk_size=opt.chunk_size, backend=problem.backend)
             dfq, dfk, dv_in, dstate0 = g.dq, g.dk, g.dv, g.dinitial_state
         else:  # o = Q (Kᵀ V): dQ = dO (Vᵀ K), dK = V (dOᵀ Q), dV = K (Qᵀ dO)
             dfq = xp.matmul(do_in, xp.matmul(xp.matrix_transpose(v_in), fk))

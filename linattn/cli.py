@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", nargs="+", default=None, help="methods to run (default all)")
     compare.add_argument("--non-causal", action="store_true", help="bidirectional attention")
     compare.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (default 3)")
+    compare.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                         help="run the methods on NumPy (default) or on a CUDA GPU through CuPy")
     compare.add_argument("--json", metavar="PATH", help="also write the rows and settings as JSON")
     compare.add_argument("--list", action="store_true", help="list the methods and exit")
     compare.add_argument("--no-progress", action="store_true", help="never draw the progress bar")

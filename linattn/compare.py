@@ -31,7 +31,8 @@ class ComparedMethod:
     name : str
         The name shown and accepted by ``--methods``.
     run : callable
-        ``run(q, k, v, causal=..., backend=...) -> o`` on (B, T, H, D) arrays.
+        ``run(q, k, v, causal=...) -> o`` on (B, T, H, D) arrays (NumPy or CuPy; the
+        backend follows them).
     description : str
         One line for ``linattn compare --list``.
     supports_causal : bool
@@ -130,6 +131,41 @@ def _peak_bytes(fn: Callable[[], Any]) -> int:
         tracemalloc.stop()
 
 
+@dataclass(frozen=True)
+class _Device:
+    """How compare moves inputs to a backend, waits for its work, and measures its memory."""
+
+    backend: str
+    move: Callable[[Any], Any]
+    wait: Callable[[], None]
+    peak_bytes: Callable[[Callable[[], Any]], int]
+    to_host: Callable[[Any], Any]
+
+
+def _device(backend: str) -> _Device:
+    """The ``"numpy"`` host, or a ``"cupy"`` GPU (peak memory from an emptied memory pool)."""
+    if backend == "numpy":
+        return _Device("numpy", lambda x: x, lambda: None, _peak_bytes, np.asarray)
+    if backend != "cupy":
+        raise ValueError(f"backend must be 'numpy' or 'cupy', got {backend!r}")
+    try:
+        import cupy
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # ImportError, or CUDARuntimeError without a driver or device
+        raise ValueError(f"backend='cupy' needs CuPy and a CUDA device: {error}") from None
+
+    def peak(fn: Callable[[], Any]) -> int:
+        pool = cupy.get_default_memory_pool()
+        cupy.cuda.Device().synchronize()
+        pool.free_all_blocks()
+        before = pool.total_bytes()
+        fn()
+        cupy.cuda.Device().synchronize()
+        return int(pool.total_bytes() - before)
+
+    return _Device("cupy", cupy.asarray, lambda: cupy.cuda.Device().synchronize(), peak, cupy.asnumpy)
+
+
 def run_compare(
     lengths: Sequence[int],
     *,
@@ -142,6 +178,7 @@ def run_compare(
     repeats: int = 3,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    backend: str = "numpy",
 ) -> list[CompareRow]:
     """Measure each method at each length against exact softmax computed in float64.
 
@@ -168,6 +205,10 @@ def run_compare(
         Seed of the random inputs (standard normal).
     progress : callable, optional
         Called with a label before each measurement.
+    backend : {"numpy", "cupy"}
+        Where the methods run. With ``"cupy"`` the inputs are CuPy arrays, each timed
+        call waits for the GPU, and the peak memory is what CuPy's memory pool held at
+        most during a call. The references always run in float64 on NumPy.
 
     Returns
     -------
@@ -183,6 +224,7 @@ def run_compare(
         flag, kind = ("--non-causal", "causal") if causal else ("causal mode (no --non-causal)", "non-causal")
         raise ValueError(f"methods {wrong_kind} have no {kind} form; compare them in {flag}")
     names = [n for n in names if n not in wrong_kind]
+    device = _device(backend)
     rng = np.random.default_rng(seed)
     rows = []
     for length in lengths:
@@ -194,12 +236,20 @@ def run_compare(
                 progress(f"{name} T={length}")
             method = registry[name]
             desired = exact if method.reference is None else np.asarray(method.reference(*wide, causal=causal))
-            call = functools.partial(method.run, q, k, v, causal=causal)
-            o = np.asarray(call(), dtype=np.float64)
+            inputs = [device.move(x) for x in (q, k, v)]
+            run = functools.partial(method.run, *inputs, causal=causal)
+
+            def call(run: Callable[[], Any] = run) -> Any:
+                out = run()
+                device.wait()
+                return out
+
+            o = np.asarray(device.to_host(call()), dtype=np.float64)
             norm = float(np.linalg.norm(desired))
             rel_error = float(np.linalg.norm(o - desired)) / norm if norm > 0 else 0.0
             against = "softmax" if method.reference is None else "definition"
-            rows.append(CompareRow(name, int(length), rel_error, _timed(call, repeats), _peak_bytes(call), against))
+            rows.append(CompareRow(name, int(length), rel_error, _timed(call, repeats), device.peak_bytes(call),
+                                   against))
     return rows
 
 

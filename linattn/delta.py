@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from linattn._gated import like_array
 from linattn.compare import register_method
 from linattn.delta_problem import DeltaGradients, forward, l2norm, prepare, vjp
 
@@ -283,7 +284,7 @@ def _compared(gated: bool, form: str):
     def run(q: Any, k: Any, v: Any, causal: bool = True) -> Any:
         if not causal:
             raise ValueError("the delta rule is causal only; compare it without --non-causal")
-        beta, g = (np.asarray(x, dtype=q.dtype) for x in compare_gates(*(int(n) for n in q.shape[:3])))
+        beta, g = (like_array(x, q) for x in compare_gates(*(int(n) for n in q.shape[:3])))
         if gated:
             return gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, form=form)
         return delta_rule(q, k, v, beta, use_qk_l2norm=True, form=form)

@@ -78,6 +78,7 @@ class _Problem:
     use_qk_l2norm: bool
     form: str
     chunk_size: int
+    backend: Any = None
 
     def segments(self) -> list[tuple[int, slice]]:
         """(index of the state, rows) of each sequence: the cu_seqlens segments, or all T rows."""
@@ -159,7 +160,7 @@ def prepare(q: Any, k: Any, v: Any, beta: Any, g: Any, *, scale: Any, initial_st
     """Check every argument of a delta rule (g None: the plain rule) and lay the heads out."""
     layout = _checks.check_layout(layout)
     xp = _checks.namespace_of(q=q, k=k, v=v, beta=beta, g=g, initial_state=initial_state)
-    resolve_backend(backend, xp)
+    chosen = resolve_backend(backend, xp)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
@@ -183,7 +184,7 @@ def prepare(q: Any, k: Any, v: Any, beta: Any, g: Any, *, scale: Any, initial_st
     dtypes = {"q": q.dtype, "k": k.dtype, "v": v.dtype, "beta": beta.dtype, "g": None if g is None else g.dtype,
               "initial_state": None if initial_state is None else initial_state.dtype}
     problem = _Problem(xp, sizes, layout, dtypes, beta.ndim == 4, q_raw, k_raw, qn * scale, kn, grouped(v),
-                       grouped(beta), grouped(g), None, offsets, scale, use_qk_l2norm, form, chunk_size)
+                       grouped(beta), grouped(g), None, offsets, scale, use_qk_l2norm, form, chunk_size, chosen)
     return replace(problem, state=problem.grouped_state("initial_state", initial_state))
 
 
@@ -198,7 +199,7 @@ def forward(p: _Problem, output_final_state: Any) -> Any:
     for n, rows in p.segments():
         o, S = delta_scan(p.q[..., rows, :], p.k[..., rows, :], p.v[..., rows, :], p.beta[..., rows, :],
                           g=None if p.g is None else p.g[..., rows, :], initial_state=_segment_state(p.state, n),
-                          form=p.form, chunk_size=p.chunk_size)
+                          form=p.form, chunk_size=p.chunk_size, backend=p.backend)
         outputs.append(o)
         finals.append(S)
     o = p.output(xp.concat(outputs, axis=3), "q")

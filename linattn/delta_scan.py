@@ -61,6 +61,7 @@ from typing import Any
 import array_api_compat
 
 from linattn import _checks
+from linattn.backends import Backend, resolve_backend
 
 __all__ = ["FORMS", "delta_scan"]
 
@@ -327,7 +328,7 @@ def _check(xp: Any, q: Any, k: Any, v: Any, beta: Any, g: Any, form: str, chunk_
 
 
 def delta_scan(q: Any, k: Any, v: Any, beta: Any, *, g: Any = None, initial_state: Any = None,
-               form: str = "chunked", chunk_size: int = 64) -> tuple[Any, Any]:
+               form: str = "chunked", chunk_size: int = 64, backend: str | Backend | None = None) -> tuple[Any, Any]:
     r"""Run the delta rule scan (see the module docstring for the three forms).
 
     .. math::
@@ -350,6 +351,10 @@ def delta_scan(q: Any, k: Any, v: Any, beta: Any, *, g: Any = None, initial_stat
     form : {"chunked", "parallel", "recurrent"}, default "chunked"
     chunk_size : int, default 64
         Steps per chunk of the chunked form (any T).
+    backend : str, optional
+        ``"numpy"``, ``"cupy"`` or ``"reference"``; None follows the inputs. On the
+        ``"cupy"`` backend the chunked form runs a CUDA kernel (float32 accumulation for
+        float16 inputs, whose final state it returns in float32).
 
     Returns
     -------
@@ -377,6 +382,10 @@ def delta_scan(q: Any, k: Any, v: Any, beta: Any, *, g: Any = None, initial_stat
     """
     xp = _checks.namespace_of(q=q, k=k, v=v, beta=beta, g=g, initial_state=initial_state)
     chunk_size = _check(xp, q, k, v, beta, g, form, chunk_size)
+    kernel = resolve_backend(backend, xp).kernel("delta_scan") if form == "chunked" else None
+    result = None if kernel is None else kernel(q, k, v, beta, g, initial_state)
+    if result is not None:
+        return result
     if beta.shape[-1] == 1:
         return _FORMS[form](xp, q, k, v, beta, g, initial_state, chunk_size)
     o, S = _FORMS[form](xp, *_columns(xp, q, k, v, beta, g, initial_state), chunk_size)

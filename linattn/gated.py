@@ -87,7 +87,7 @@ def _simple_gates(p: _gated.QKVProblem, q: Any, k: Any, g: Any, g_gamma: Any) ->
 
 def _forward(p: _gated.QKVProblem, output_final_state: bool, dtype: Any) -> Any:
     o, final = _gated.scan(p.q, p.k, p.v, gk=p.gk, gv=p.gv, initial_state=p.state, offsets=p.offsets, form=p.form,
-                           chunk_size=p.chunk_size)
+                           chunk_size=p.chunk_size, backend=p.backend)
     o = p.output(o, dtype)
     return (o, final[:, :, 0, ...]) if output_final_state else o
 
@@ -96,7 +96,7 @@ def _backward(p: _gated.QKVProblem, do: Any, dfinal_state: Any) -> Any:
     """The scan's VJP on the grouped problem; returns ScanGradients (dq already times the scale)."""
     do5, ds = _gated.qkv_cotangents(p, do, dfinal_state)
     g = _gated.scan_vjp(p.q, p.k, p.v, do5, gk=p.gk, gv=p.gv, initial_state=p.state, dfinal_state=ds,
-                        offsets=p.offsets, form=p.form, chunk_size=p.chunk_size)
+                        offsets=p.offsets, form=p.form, chunk_size=p.chunk_size, backend=p.backend)
     return replace(g, dq=g.dq * p.scale)
 
 
@@ -778,11 +778,11 @@ register_state("gla", GLAState)
 
 def _compare_g(q: Any) -> Any:
     B, T, H, _ = q.shape
-    return _gated.cycling((B, T, H), _gated.COMPARE_LOG_DECAYS, q.dtype)
+    return _gated.cycling((B, T, H), _gated.COMPARE_LOG_DECAYS, q)
 
 
 def _compare_gk(q: Any) -> Any:
-    return _gated.cycling(tuple(q.shape), _gated.COMPARE_LOG_DECAYS, q.dtype)
+    return _gated.cycling(tuple(q.shape), _gated.COMPARE_LOG_DECAYS, q)
 
 
 def _compare(name: str, fn: Any, gate: Any, description: str) -> None:

@@ -47,11 +47,12 @@ class _Problem:
     state: Any  # (N, 1, D) or None
     form: str
     chunk_size: int
+    backend: Any
 
 
 def _prepare(x, g, *, initial_state, cu_seqlens, form, chunk_size, backend) -> _Problem:
     xp = _checks.namespace_of(x=x, g=g, initial_state=initial_state)
-    resolve_backend(backend, xp)
+    chosen = resolve_backend(backend, xp)
     chunk_size = _gated.check_form(form, chunk_size)
     _checks.require_floating("x", x, xp)
     if x.ndim != 3 or x.shape[-1] < 1:
@@ -66,7 +67,7 @@ def _prepare(x, g, *, initial_state, cu_seqlens, form, chunk_size, backend) -> _
         state = xp.expand_dims(xp.astype(initial_state, dtype, copy=False), axis=1)
     ones = xp.ones((1, T, 1), dtype=dtype, device=array_api_compat.device(x))
     return _Problem(xp, offsets, ones, xp.astype(x, dtype, copy=False), xp.astype(g, dtype, copy=False), state, form,
-                    chunk_size)
+                    chunk_size, chosen)
 
 
 def hgrn(x: Any, g: Any, *, initial_state: Any = None, output_final_state: bool = False, cu_seqlens: Any = None,
@@ -137,7 +138,7 @@ def hgrn(x: Any, g: Any, *, initial_state: Any = None, output_final_state: bool 
                  backend=backend)
     _checks.check_bool("output_final_state", output_final_state)
     o, final = _gated.scan(p.ones, p.ones, p.x, gk=None, gv=p.g, initial_state=p.state, offsets=p.offsets,
-                           form=p.form, chunk_size=p.chunk_size)
+                           form=p.form, chunk_size=p.chunk_size, backend=p.backend)
     o = p.xp.astype(o, x.dtype, copy=False)
     return (o, final[:, 0, :]) if output_final_state else o
 
@@ -188,7 +189,7 @@ def hgrn_vjp(x: Any, g: Any, do: Any, *, initial_state: Any = None, dfinal_state
         ds = xp.expand_dims(xp.astype(dfinal_state, p.x.dtype, copy=False), axis=1)
     grads = _gated.scan_vjp(p.ones, p.ones, p.x, xp.astype(do, p.x.dtype, copy=False), gk=None, gv=p.g,
                             initial_state=p.state, dfinal_state=ds, offsets=p.offsets, form=p.form,
-                            chunk_size=p.chunk_size)
+                            chunk_size=p.chunk_size, backend=p.backend)
     return HGRNGradients(
         dx=xp.astype(grads.dv, x.dtype, copy=False),
         dg=xp.astype(grads.dgv, g.dtype, copy=False),
@@ -293,7 +294,7 @@ def _compare_run(q: Any, k: Any, v: Any, causal: bool, form: str = "chunked") ->
     _gated.causal_only("hgrn", causal)
     B, T, H, D = v.shape
     x = v.reshape(B, T, H * D)
-    return hgrn(x, _gated.cycling((B, T, H * D), _gated.COMPARE_LOG_DECAYS, v.dtype), form=form)
+    return hgrn(x, _gated.cycling((B, T, H * D), _gated.COMPARE_LOG_DECAYS, v), form=form)
 
 
 register_method("hgrn", _compare_run,

@@ -65,6 +65,7 @@ class _Problem:
     state: Any  # (N, G, H/G, N, P) or None
     form: str
     chunk_size: int
+    backend: Any
 
     def grouped_state(self, s: Any) -> Any:
         _, _, H, P, G, N = self.sizes
@@ -85,7 +86,7 @@ def _prepare(x, dt, A, B, C, *, D, dt_bias, dt_softplus, initial_state, cu_seqle
              backend) -> _Problem:
     layout = _checks.check_layout(layout)
     xp = _checks.namespace_of(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, initial_state=initial_state)
-    resolve_backend(backend, xp)
+    chosen = resolve_backend(backend, xp)
     chunk_size = _gated.check_form(form, chunk_size)
     _checks.check_bool("dt_softplus", dt_softplus)
     order = "(batch, T, H, P)" if layout == "bthd" else "(batch, H, T, P)"
@@ -135,7 +136,7 @@ def _prepare(x, dt, A, B, C, *, D, dt_bias, dt_softplus, initial_state, cu_seqle
     p = _Problem(xp, layout, (batch, T, H, P, G, N), offsets, grouped(x, G),
                  grouped(xp.expand_dims(dt_raw, axis=-1), G), grouped(xp.expand_dims(delta, axis=-1), G),
                  _per_head(xp, A, G, H, dtype), grouped(B, G), grouped(C, G),
-                 None if D is None else _per_head(xp, D, G, H, dtype), state, form, chunk_size)
+                 None if D is None else _per_head(xp, D, G, H, dtype), state, form, chunk_size, chosen)
     return p if initial_state is None else replace(p, state=p.grouped_state(initial_state))
 
 
@@ -227,7 +228,7 @@ def mamba2(x: Any, dt: Any, A: Any, B: Any, C: Any, *, D: Any = None, dt_bias: A
                  cu_seqlens=cu_seqlens, form=form, chunk_size=chunk_size, layout=layout, backend=backend)
     _checks.check_bool("output_final_state", output_final_state)
     y, final = _gated.scan(p.C, p.B, p.x * p.delta, gk=p.A * p.delta, gv=None, initial_state=p.state,
-                           offsets=p.offsets, form=p.form, chunk_size=p.chunk_size)
+                           offsets=p.offsets, form=p.form, chunk_size=p.chunk_size, backend=p.backend)
     if p.D is not None:
         y = y + p.D * p.x
     y = p.xp.astype(from_grouped(p.xp, y, layout), x.dtype, copy=False)
@@ -296,7 +297,8 @@ def mamba2_vjp(x: Any, dt: Any, A: Any, B: Any, C: Any, do: Any, *, D: Any = Non
         ds = p.grouped_state(dfinal_state)
     do5 = to_grouped(xp, xp.astype(do, p.x.dtype, copy=False), layout, G)
     g = _gated.scan_vjp(p.C, p.B, p.x * p.delta, do5, gk=p.A * p.delta, gv=None, initial_state=p.state,
-                        dfinal_state=ds, offsets=p.offsets, form=p.form, chunk_size=p.chunk_size)
+                        dfinal_state=ds, offsets=p.offsets, form=p.form, chunk_size=p.chunk_size,
+                        backend=p.backend)
     dx = g.dv * p.delta + (0.0 if p.D is None else p.D * do5)
     ddelta = xp.sum(g.dv * p.x, axis=-1, keepdims=True) + g.dgk * p.A
     ddt = ddelta * _gated.sigmoid(xp, p.dt_raw) if dt_softplus else ddelta
@@ -433,8 +435,8 @@ register_state("mamba2", Mamba2State)
 def _compare_run(q: Any, k: Any, v: Any, causal: bool, form: str = "chunked") -> Any:
     _gated.causal_only("mamba2", causal)
     batch, T, H, _ = q.shape
-    dt = _gated.cycling((batch, T, H), (1 / 8, 1 / 4, 1 / 2, 1.0), q.dtype)
-    A = _gated.cycling((H,), (-1 / 2, -1.0, -1 / 4), q.dtype)
+    dt = _gated.cycling((batch, T, H), (1 / 8, 1 / 4, 1 / 2, 1.0), q)
+    A = _gated.cycling((H,), (-1 / 2, -1.0, -1 / 4), q)
     return mamba2(v, dt, A, k, q, form=form)
 
 

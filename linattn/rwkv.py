@@ -64,7 +64,7 @@ def _exclusive(p: _gated.QKVProblem) -> tuple[Any, Any]:
         r, k, v, w = seg
         S0 = states[0]
         read_next, final = causal_scan(_shifted(p.xp, r), k, v, gk=w, initial_state=S0, form=p.form,
-                                       chunk_size=p.chunk_size)
+                                       chunk_size=p.chunk_size, backend=p.backend)
         if r.shape[-2] == 0:
             return (read_next,), (final,)
         first = p.xp.zeros_like(read_next[..., :1, :]) if S0 is None else p.xp.matmul(r[..., :1, :], S0)
@@ -211,7 +211,7 @@ def rwkv6_vjp(r: Any, k: Any, v: Any, w: Any, u: Any, do: Any, *, scale: float |
         r, k, v, w, do = seg
         S0, dS = states
         g = causal_scan_vjp(_shifted(xp, r), k, v, _shifted(xp, do), gk=w, initial_state=S0, dfinal_state=dS,
-                            form=p.form, chunk_size=p.chunk_size)
+                            form=p.form, chunk_size=p.chunk_size, backend=p.backend)
         dr, dS0 = g.dq, g.dinitial_state
         if r.shape[-2] > 0:  # row t of the scan's dq belongs to r_{t+1}; r_0 read S_{−1}
             first = xp.zeros_like(dr[..., :1, :]) if S0 is None else xp.matmul(do[..., :1, :], xp.matrix_transpose(S0))
@@ -340,8 +340,8 @@ register_state("rwkv6", RWKV6State)
 def _compare_run(q: Any, k: Any, v: Any, causal: bool, form: str = "chunked") -> Any:
     _gated.causal_only("rwkv6", causal)
     _, _, H, D = q.shape
-    w = _gated.cycling(tuple(q.shape), _gated.COMPARE_LOG_DECAYS, q.dtype)
-    u = _gated.cycling((H, D), (1 / 2, -1 / 4, 1.0), q.dtype)
+    w = _gated.cycling(tuple(q.shape), _gated.COMPARE_LOG_DECAYS, q)
+    u = _gated.cycling((H, D), (1 / 2, -1 / 4, 1.0), q)
     return rwkv6(q, k, v, w, u, form=form)
 
 

@@ -41,6 +41,7 @@ from typing import Any
 import array_api_compat
 
 from linattn import _checks
+from linattn.backends import Backend, resolve_backend
 
 __all__ = ["FORMS", "ScanGradients", "causal_scan", "causal_scan_vjp", "noncausal_scan"]
 
@@ -312,6 +313,23 @@ def _form_chunked(xp, q, k, v, gk, gv, state0, chunk_size):
 _FORMS = {"parallel": _form_parallel, "recurrent": _form_recurrent, "chunked": _form_chunked}
 
 
+def _runner(xp: Any, form: str, backend: str | Backend | None) -> Any:
+    """The function computing ``form``: the backend's kernel for the chunked form, where it has one.
+
+    A kernel returns None for a call it does not cover, and the reference runs instead;
+    ``parallel`` and ``recurrent`` are definitions and always run the reference.
+    """
+    reference = _FORMS[form]
+    kernel = resolve_backend(backend, xp).kernel("causal_scan") if form == "chunked" else None
+    if kernel is None:
+        return reference
+
+    def run(xp, q, k, v, gk, gv, state0, chunk_size):
+        result = kernel(q, k, v, gk, gv, state0)
+        return reference(xp, q, k, v, gk, gv, state0, chunk_size) if result is None else result
+    return run
+
+
 def _check_form(form: str, chunk_size: int) -> int:
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -340,6 +358,7 @@ def causal_scan(
     initial_state: Any = None,
     form: str = "chunked",
     chunk_size: int = 64,
+    backend: str | Backend | None = None,
 ) -> tuple[Any, Any]:
     r"""Run the causal linear scan (see the module docstring for the recurrence).
 
@@ -364,6 +383,10 @@ def causal_scan(
         Which algorithm computes the outputs (they agree to rounding).
     chunk_size : int, default 64
         Steps per chunk of the chunked form (any T, not only multiples).
+    backend : str, optional
+        ``"numpy"``, ``"cupy"`` or ``"reference"``; None follows the inputs. On the
+        ``"cupy"`` backend the chunked form runs a CUDA kernel (which accumulates in
+        float32 for float16 inputs and returns the final state in float32).
 
     Returns
     -------
@@ -391,7 +414,7 @@ def causal_scan(
     xp = _checks.namespace_of(q=q, k=k, v=v, gk=gk, gv=gv, initial_state=initial_state)
     chunk_size = _check_form(form, chunk_size)
     _check_gates(xp, q, k, v, gk, gv)
-    o, final = _FORMS[form](xp, q, k, v, gk, gv, initial_state, chunk_size)
+    o, final = _runner(xp, form, backend)(xp, q, k, v, gk, gv, initial_state, chunk_size)
     return o, _as_state_shape(xp, final, k, v, gk, gv, initial_state)
 
 
@@ -476,14 +499,13 @@ def _reverse_gate(xp: Any, g: Any | None) -> Any | None:
     return xp.concat([zero, flipped[..., :-1, :]], axis=-2)
 
 
-def _reverse_scan(xp, a, b, c, ga, gc, state, form, chunk_size):
+def _reverse_scan(xp, a, b, c, ga, gc, state, run, chunk_size):
     """r_s = Σ_{t≥s} Σ_i a_si e^{Γ_ti − Γ_si} b_ti · c_tj e^{Λ_tj − Λ_sj} (+ the state X decayed to s).
 
     Returns r and the "final" state of the reversed scan, which is the sum at s = 0.
     """
     flip = lambda x: None if x is None else xp.flip(x, axis=-2)  # noqa: E731
-    r, last = _FORMS[form](xp, flip(a), flip(b), flip(c), _reverse_gate(xp, ga), _reverse_gate(xp, gc), state,
-                           chunk_size)
+    r, last = run(xp, flip(a), flip(b), flip(c), _reverse_gate(xp, ga), _reverse_gate(xp, gc), state, chunk_size)
     return flip(r), last
 
 
@@ -523,6 +545,7 @@ def causal_scan_vjp(
     dfinal_state: Any = None,
     form: str = "chunked",
     chunk_size: int = 64,
+    backend: str | Backend | None = None,
 ) -> ScanGradients:
     r"""Gradients of :func:`causal_scan`, by three more scans of the same form.
 
@@ -552,7 +575,7 @@ def causal_scan_vjp(
 
     Parameters
     ----------
-    q, k, v, gk, gv, initial_state, form, chunk_size
+    q, k, v, gk, gv, initial_state, form, chunk_size, backend
         As in :func:`causal_scan`.
     do : array, shape (..., T, Dv)
         Cotangent of o (broadcast like o).
@@ -581,7 +604,7 @@ def causal_scan_vjp(
                               dfinal_state=dfinal_state)
     chunk_size = _check_form(form, chunk_size)
     _check_gates(xp, q, k, v, gk, gv)
-    run = _FORMS[form]
+    run = _runner(xp, form, backend)
     T = q.shape[-2]
     need_forward = gv is not None or ((gk is not None or gv is not None) and dfinal_state is not None)
     o, final = run(xp, q, k, v, gk, gv, initial_state, chunk_size) if need_forward else (None, None)
@@ -595,8 +618,8 @@ def causal_scan_vjp(
     # The backward scans run per query head when q and do carry a group axis that k and v
     # do not (GQA); the final-state cotangent belongs to the shared state, so it is added
     # once, outside them, rather than once per head.
-    dk, _ = _reverse_scan(xp, v, do, q, *swapped, None, form, chunk_size)
-    dv, start = _reverse_scan(xp, k, q, do, gk, gv, None, form, chunk_size)
+    dk, _ = _reverse_scan(xp, v, do, q, *swapped, None, run, chunk_size)
+    dv, start = _reverse_scan(xp, k, q, do, gk, gv, None, run, chunk_size)
     # dk, dv here are per query head when q, do carry a group axis; the final-state terms
     # below have the state's leading dims. Each is summed to its input's shape on its own
     # (and kept apart for the gate gradients, which need each head's own part).

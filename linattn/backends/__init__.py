@@ -6,8 +6,10 @@ reference code (which is written against the array API and so runs on any backen
 when the backend has none. Methods never re-implement math per backend.
 
 ``backend=None`` follows the input arrays: NumPy arrays run on the ``"numpy"`` backend,
-and arrays of any other array-API library that no registered backend claims run on the
+CuPy arrays on the ``"cupy"`` backend (CUDA kernels for the causal scans), and arrays of
+any other array-API library that no registered backend claims run on the
 ``"reference"`` backend, which is the same reference code with no kernels.
+``backend="reference"`` forces the reference code on any arrays, CuPy's included.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from linattn.backends.cupy_backend import CUPY_BACKEND
 from linattn.backends.numpy_backend import NUMPY_BACKEND
 
 __all__ = ["Backend", "available_backends", "get_backend", "register_backend", "resolve_backend"]
@@ -112,13 +115,13 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"backend must be one of {sorted(_REGISTRY)} or None, got {name!r}") from None
 
 
-def resolve_backend(backend: str | None, xp: Any) -> Backend:
+def resolve_backend(backend: str | Backend | None, xp: Any) -> Backend:
     """Return the backend that runs arrays of namespace ``xp``.
 
     Parameters
     ----------
-    backend : str or None
-        A registered name, or None to follow the arrays.
+    backend : str, Backend or None
+        A registered name (or a backend already resolved), or None to follow the arrays.
     xp : module
         The inputs' array namespace.
 
@@ -136,6 +139,8 @@ def resolve_backend(backend: str | None, xp: Any) -> Backend:
             if candidate is not REFERENCE_BACKEND and candidate.accepts(xp):
                 return candidate
         return REFERENCE_BACKEND
+    if isinstance(backend, Backend):
+        backend = backend.name
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
     chosen = get_backend(backend)
@@ -149,3 +154,4 @@ def resolve_backend(backend: str | None, xp: Any) -> Backend:
 
 register_backend(REFERENCE_BACKEND)
 register_backend(Backend(**NUMPY_BACKEND))
+register_backend(Backend(**CUPY_BACKEND))

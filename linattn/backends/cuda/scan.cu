@@ -1,0 +1,292 @@
+// Causal scans with the state held in registers: the linear scan and the delta rule.
+//
+//   linear:  S_t = (e^{gk_t} e^{gv_t}^T) . S_{t-1} + k_t v_t^T,           o_t = S_t^T q_t
+//   delta:   S~_t = e^{g_t} S_{t-1},  u_t = beta_t . (v_t - S~_t^T k_t),
+//            S_t = S~_t + k_t u_t^T,                                     o_t = S_t^T q_t
+//
+// Work split: one block per (leading index, tile of VB value columns, time segment).
+// Each value column j is owned by KSPLIT neighbouring lanes of one warp; lane ks holds
+// the KPT state rows ks*KPT .. ks*KPT+KPT-1 of column j in registers, so a step's
+// update needs no communication and its readout sum over Dk is a shuffle over the
+// KSPLIT lanes. Steps are staged through shared memory TC at a time: q, k (and the
+// per-key decay, already exponentiated) for all Dk rows, v (and the per-value decay)
+// for the block's columns. Every load converts to the accumulation type ACC (float, or
+// double for double inputs), so half and bfloat16 data are read as they are stored and
+// nothing is accumulated in reduced precision; no tensor cores are used (no TF32).
+//
+// Compile-time parameters (-D): ELEM, ACC, KPT, KSPLIT, VB, TC, GK_MODE (0 none,
+// 1 one per step, 2 per key), HAS_GV, HAS_SIN, WRITE_O, and for the delta rule
+// DELTA (compile the delta rule instead of the linear scan), BETA_MODE (1 per step,
+// 2 per value column) and HAS_G.
+//
+// Strides are in elements; the last axis of every operand is contiguous. A time stride
+// may be negative (a reversed view). Leading axes are three (b, h, g); a stride of 0
+// broadcasts.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#define NT (VB * KSPLIT)
+#define KSEG (KPT + 4)            // a lane's rows in shared memory, padded against bank conflicts
+#define KROW (KSPLIT * KSEG)
+
+typedef long long i64;
+
+__device__ __forceinline__ ACC to_acc(float x) { return (ACC)x; }
+__device__ __forceinline__ ACC to_acc(double x) { return (ACC)x; }
+__device__ __forceinline__ ACC to_acc(__half x) { return (ACC)__half2float(x); }
+__device__ __forceinline__ ACC to_acc(__nv_bfloat16 x) { return (ACC)__bfloat162float(x); }
+
+__device__ __forceinline__ void store(float* p, ACC x) { *p = (float)x; }
+__device__ __forceinline__ void store(double* p, ACC x) { *p = (double)x; }
+__device__ __forceinline__ void store(__half* p, ACC x) { *p = __float2half_rn((float)x); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, ACC x) { *p = __float2bfloat16_rn((float)x); }
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+struct Lead {  // strides of the three leading axes
+    i64 s0, s1, s2;
+    __device__ __forceinline__ i64 at(i64 a, i64 b, i64 c) const { return a * s0 + b * s1 + c * s2; }
+};
+
+__device__ __forceinline__ ACC lane_sum(ACC x) {
+#pragma unroll
+    for (int off = KSPLIT / 2; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+    return x;
+}
+
+// Stage rows [t0, t0 + tc) of a (T, Dk) operand into sh[TC][KROW] (zeros past Dk or tc).
+// With EXP the value stored is e^x (and 1 where nothing is loaded).
+template <bool EXP>
+__device__ __forceinline__ void stage_rows(ACC (*sh)[KROW], const ELEM* base, i64 ts, i64 t0, int tc, int Dk) {
+    for (int idx = threadIdx.x; idx < TC * KSPLIT * KPT; idx += NT) {
+        int t = idx / (KSPLIT * KPT), r = idx - t * (KSPLIT * KPT);
+        ACC x = EXP ? (ACC)1 : (ACC)0;
+        if (t < tc && r < Dk) {
+            x = to_acc(base[(t0 + t) * ts + r]);
+            if (EXP) x = exp_acc(x);
+        }
+        sh[t][(r / KPT) * KSEG + (r % KPT)] = x;
+    }
+}
+
+// Stage rows [t0, t0 + tc) of the block's value columns of a (T, Dv) operand into sh[TC][VB].
+template <bool EXP>
+__device__ __forceinline__ void stage_cols(ACC (*sh)[VB], const ELEM* base, i64 ts, i64 t0, int tc, int c0, int Dv) {
+    for (int idx = threadIdx.x; idx < TC * VB; idx += NT) {
+        int t = idx / VB, c = idx - t * VB;
+        ACC x = EXP ? (ACC)1 : (ACC)0;
+        if (t < tc && c0 + c < Dv) {
+            x = to_acc(base[(t0 + t) * ts + c0 + c]);
+            if (EXP) x = exp_acc(x);
+        }
+        sh[t][c] = x;
+    }
+}
+
+// The geometry every launch shares. Leading index l = blockIdx.x over (L0, L1, L2);
+// value tile blockIdx.y; time segment blockIdx.z of seg_len steps.
+#define GEOMETRY_ARGS                                                                                 \
+    i64 T, int Dk, int Dv, i64 L1, i64 L2, i64 seg_len,                                            \
+    i64 q0, i64 q1, i64 q2, i64 qt, i64 k0, i64 k1, i64 k2, i64 kt, i64 v0, i64 v1, i64 v2, i64 vt,  \
+    i64 o0, i64 o1, i64 o2, i64 ot,                                                                 \
+    i64 si0, i64 si1, i64 si2, i64 sip, i64 sir, i64 sic
+
+#define GEOMETRY_SETUP                                                                                \
+    const int ks = threadIdx.x % KSPLIT;                                                              \
+    const int cl = threadIdx.x / KSPLIT;                                                              \
+    const int c0 = blockIdx.y * VB;                                                                   \
+    const int col = c0 + cl;                                                                          \
+    const i64 l = blockIdx.x;                                                                         \
+    const i64 a2 = l % L2, a1 = (l / L2) % L1, a0 = l / (L2 * L1);                                   \
+    const i64 tb = (i64)blockIdx.z * seg_len;                                                         \
+    const i64 te = min(T, tb + seg_len);                                                              \
+    const ELEM* qb = q + Lead{q0, q1, q2}.at(a0, a1, a2);                                             \
+    const ELEM* kb = k + Lead{k0, k1, k2}.at(a0, a1, a2);                                             \
+    const ELEM* vb = v + Lead{v0, v1, v2}.at(a0, a1, a2);                                             \
+    ELEM* ob = o + Lead{o0, o1, o2}.at(a0, a1, a2);                                                   \
+    ACC S[KPT];                                                                                       \
+    _Pragma("unroll") for (int i = 0; i < KPT; ++i) {                                                \
+        const int row = ks * KPT + i;                                                                 \
+        S[i] = (ACC)0;                                                                                \
+        if (HAS_SIN && row < Dk && col < Dv)                                                          \
+            S[i] = s_in[Lead{si0, si1, si2}.at(a0, a1, a2) + blockIdx.z * sip + row * sir + col * sic]; \
+    }
+
+// The state leaving the segment: s_out is contiguous (n_lead, segments, Dk, Dv).
+#define WRITE_STATE                                                                                   \
+    {                                                                                                 \
+        ACC* dst = s_out + ((i64)blockIdx.x * gridDim.z + blockIdx.z) * Dk * Dv;                        \
+        _Pragma("unroll") for (int i = 0; i < KPT; ++i) {                                            \
+            const int row = ks * KPT + i;                                                             \
+            if (row < Dk && col < Dv) dst[(i64)row * Dv + col] = S[i];                                 \
+        }                                                                                             \
+    }
+
+#define WRITE_OUTPUTS                                                                                 \
+    if (WRITE_O) {                                                                                    \
+        __syncthreads();                                                                              \
+        for (int idx = threadIdx.x; idx < TC * VB; idx += NT) {                                       \
+            int t = idx / VB, c = idx - t * VB;                                                       \
+            if (t < tc && c0 + c < Dv) store(ob + (t0 + t) * ot + c0 + c, so[t][c]);                   \
+        }                                                                                             \
+    }
+
+#ifndef DELTA
+
+extern "C" __global__ void __launch_bounds__(NT)
+linear_scan(const ELEM* q, const ELEM* k, const ELEM* v, const ELEM* gk, const ELEM* gv, const ACC* s_in,
+            ELEM* o, ACC* s_out, GEOMETRY_ARGS,
+            i64 gk0, i64 gk1, i64 gk2, i64 gkt, i64 gv0, i64 gv1, i64 gv2, i64 gvt) {
+    __shared__ __align__(16) ACC sq[TC][KROW];
+    __shared__ __align__(16) ACC sk[TC][KROW];
+#if GK_MODE == 2
+    __shared__ __align__(16) ACC sgk[TC][KROW];
+#elif GK_MODE == 1
+    __shared__ ACC sg1[TC];
+#endif
+    __shared__ ACC sv[TC][VB];
+#if HAS_GV
+    __shared__ ACC sgv[TC][VB];
+#endif
+    __shared__ ACC so[TC][VB];
+
+    GEOMETRY_SETUP
+#if GK_MODE
+    const ELEM* gkb = gk + Lead{gk0, gk1, gk2}.at(a0, a1, a2);
+#endif
+#if HAS_GV
+    const ELEM* gvb = gv + Lead{gv0, gv1, gv2}.at(a0, a1, a2);
+#endif
+
+    for (i64 t0 = tb; t0 < te; t0 += TC) {
+        const int tc = (int)min((i64)TC, te - t0);
+        __syncthreads();
+        if (WRITE_O) stage_rows<false>(sq, qb, qt, t0, tc, Dk);
+        stage_rows<false>(sk, kb, kt, t0, tc, Dk);
+        stage_cols<false>(sv, vb, vt, t0, tc, c0, Dv);
+#if GK_MODE == 2
+        stage_rows<true>(sgk, gkb, gkt, t0, tc, Dk);
+#elif GK_MODE == 1
+        for (int t = threadIdx.x; t < TC; t += NT) sg1[t] = t < tc ? exp_acc(to_acc(gkb[(t0 + t) * gkt])) : (ACC)1;
+#endif
+#if HAS_GV
+        stage_cols<true>(sgv, gvb, gvt, t0, tc, c0, Dv);
+#endif
+        __syncthreads();
+        for (int t = 0; t < tc; ++t) {
+            const ACC vj = sv[t][cl];
+            const ACC* kr = &sk[t][ks * KSEG];
+            const ACC* qr = &sq[t][ks * KSEG];
+#if GK_MODE == 2
+            const ACC* gr = &sgk[t][ks * KSEG];
+#endif
+#if HAS_GV
+            const ACC dv = sgv[t][cl];
+#endif
+#if GK_MODE == 1 && HAS_GV
+            const ACC ds = sg1[t] * dv;
+#elif GK_MODE == 1
+            const ACC ds = sg1[t];
+#endif
+            ACC acc[4] = {0, 0, 0, 0};
+#pragma unroll
+            for (int i = 0; i < KPT; ++i) {
+#if GK_MODE == 2 && HAS_GV
+                S[i] = S[i] * (gr[i] * dv) + kr[i] * vj;
+#elif GK_MODE == 2
+                S[i] = S[i] * gr[i] + kr[i] * vj;
+#elif GK_MODE == 1
+                S[i] = S[i] * ds + kr[i] * vj;
+#elif HAS_GV
+                S[i] = S[i] * dv + kr[i] * vj;
+#else
+                S[i] += kr[i] * vj;
+#endif
+                if (WRITE_O) acc[i & 3] += qr[i] * S[i];
+            }
+            if (WRITE_O) {
+                const ACC r = lane_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+                if (ks == 0) so[t][cl] = r;
+            }
+        }
+        WRITE_OUTPUTS
+    }
+    WRITE_STATE
+}
+
+#else  // DELTA
+
+extern "C" __global__ void __launch_bounds__(NT)
+delta_scan(const ELEM* q, const ELEM* k, const ELEM* v, const ELEM* beta, const ELEM* g, const ACC* s_in,
+           ELEM* o, ACC* s_out, GEOMETRY_ARGS,
+           i64 b0, i64 b1, i64 b2, i64 bt, i64 g0, i64 g1, i64 g2, i64 gt) {
+    __shared__ __align__(16) ACC sq[TC][KROW];
+    __shared__ __align__(16) ACC sk[TC][KROW];
+    __shared__ ACC sv[TC][VB];
+#if BETA_MODE == 2
+    __shared__ ACC sb[TC][VB];
+#else
+    __shared__ ACC sb1[TC];
+#endif
+#if HAS_G
+    __shared__ ACC sg1[TC];
+#endif
+    __shared__ ACC so[TC][VB];
+
+    GEOMETRY_SETUP
+    const ELEM* bb = beta + Lead{b0, b1, b2}.at(a0, a1, a2);
+#if HAS_G
+    const ELEM* gb = g + Lead{g0, g1, g2}.at(a0, a1, a2);
+#endif
+
+    for (i64 t0 = tb; t0 < te; t0 += TC) {
+        const int tc = (int)min((i64)TC, te - t0);
+        __syncthreads();
+        if (WRITE_O) stage_rows<false>(sq, qb, qt, t0, tc, Dk);
+        stage_rows<false>(sk, kb, kt, t0, tc, Dk);
+        stage_cols<false>(sv, vb, vt, t0, tc, c0, Dv);
+#if BETA_MODE == 2
+        stage_cols<false>(sb, bb, bt, t0, tc, c0, Dv);
+#else
+        for (int t = threadIdx.x; t < TC; t += NT) sb1[t] = t < tc ? to_acc(bb[(t0 + t) * bt]) : (ACC)0;
+#endif
+#if HAS_G
+        for (int t = threadIdx.x; t < TC; t += NT) sg1[t] = t < tc ? exp_acc(to_acc(gb[(t0 + t) * gt])) : (ACC)1;
+#endif
+        __syncthreads();
+        for (int t = 0; t < tc; ++t) {
+            const ACC* kr = &sk[t][ks * KSEG];
+            const ACC* qr = &sq[t][ks * KSEG];
+#if HAS_G
+            const ACC decay = sg1[t];
+#pragma unroll
+            for (int i = 0; i < KPT; ++i) S[i] *= decay;
+#endif
+            ACC pred[4] = {0, 0, 0, 0};
+#pragma unroll
+            for (int i = 0; i < KPT; ++i) pred[i & 3] += kr[i] * S[i];
+#if BETA_MODE == 2
+            const ACC bj = sb[t][cl];
+#else
+            const ACC bj = sb1[t];
+#endif
+            const ACC u = bj * (sv[t][cl] - lane_sum((pred[0] + pred[1]) + (pred[2] + pred[3])));
+            ACC acc[4] = {0, 0, 0, 0};
+#pragma unroll
+            for (int i = 0; i < KPT; ++i) {
+                S[i] += kr[i] * u;
+                if (WRITE_O) acc[i & 3] += qr[i] * S[i];
+            }
+            if (WRITE_O) {
+                const ACC r = lane_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+                if (ks == 0) so[t][cl] = r;
+            }
+        }
+        WRITE_OUTPUTS
+    }
+    WRITE_STATE
+}
+
+#endif  // DELTA
