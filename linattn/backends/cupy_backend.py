@@ -4,6 +4,11 @@ The kernels (``cuda/scan.cu``, compiled on first use by CuPy's ``RawModule``) re
 chunked form of :func:`linattn.scan.causal_scan` and :func:`linattn.delta_scan.delta_scan`;
 everything else — feature maps, gates, gradients — is the reference code running on CuPy.
 CuPy is imported only when a kernel runs, so this module loads without it.
+
+PyTorch tensors are accepted too: CUDA tensors reach the kernels through DLPack without a
+copy — bfloat16 ones as their bit patterns, since CuPy has no bfloat16 — and results come
+back as tensors of the inputs' dtype; anything a kernel does not cover (CPU tensors, other
+forms) runs the reference code on PyTorch.
 """
 
 from __future__ import annotations
@@ -14,6 +19,6 @@ from linattn.backends import _cuda_scan
 
 CUPY_BACKEND = {
     "name": "cupy",
-    "accepts": array_api_compat.is_cupy_namespace,
+    "accepts": lambda xp: array_api_compat.is_cupy_namespace(xp) or array_api_compat.is_torch_namespace(xp),
     "kernels": {"causal_scan": _cuda_scan.linear_scan, "delta_scan": _cuda_scan.delta_scan},
 }

@@ -1,0 +1,253 @@
+"""Peer benchmark on a CUDA GPU: linattn's scan kernels against flash-linear-attention (FLA),
+PyTorch SDPA and the copy-bandwidth floor, all measured in one run.
+
+Run on the GPU machine (PyTorch, Triton and FLA installed)::
+
+    PYTHONPATH=. python docs/scripts/gpu_peers.py --json gpu_peers.json
+
+Times are medians of CUDA-event timings (``triton.testing.do_bench``, 25 ms warm-up,
+100 ms of repeats) on the same (B, T, H, D) tensors for every implementation; linattn
+reads them through (B, H, T, D) views without copies. Every scan runs with scale 1
+(FLA's ``scale=1.0``) so that all compute the same function. The floor is the time to
+read q, k, v once and write o once at the measured device-to-device copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+import triton.testing
+
+from linattn.delta_scan import delta_scan
+from linattn.scan import causal_scan, causal_scan_vjp
+
+FLA_SHAPES = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128), (8, 1024, 8, 64),
+              (8, 2048, 32, 256), (16, 2048, 16, 128)]
+SWEEP = [(4, T, 16, 128) for T in (1024, 2048, 4096, 8192, 16384)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def median_ms(fn: Any) -> float:
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def copy_bandwidth() -> float:
+    """Bytes read plus written per second by a 1 GiB device-to-device copy."""
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (median_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def heads_first(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """(B, T, H, D) -> (B, H, T, D) views; a (B, T, H) gate -> (B, H, T, 1)."""
+    return [x.transpose(1, 2) if x.dim() == 4 else x.transpose(1, 2)[..., None] for x in xs]
+
+
+def inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    B, T, H, D = shape
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
+    k = randn(B, T, H, D)
+    return {
+        "q": (randn(B, T, H, D) * D**-0.5).to(dtype), "k": k.to(dtype), "v": randn(B, T, H, D).to(dtype),
+        "kn": F.normalize(k, dim=-1).to(dtype),
+        "g": F.logsigmoid(randn(B, T, H)).div(16).to(dtype),  # per-step log-decay
+        "gk": F.logsigmoid(randn(B, T, H, D)).clamp(min=-5).div(16).to(dtype),  # per-key, FLA's bench clamp
+        "beta": torch.sigmoid(randn(B, T, H)).to(dtype),
+    }
+
+
+def ours(op: str, x: dict[str, torch.Tensor]) -> Any:
+    q, k, v, kn = heads_first(x["q"], x["k"], x["v"], x["kn"])
+    if op == "linear":
+        return lambda: causal_scan(q, k, v, backend="cupy")
+    if op == "simple_gla":
+        (g,) = heads_first(x["g"])
+        return lambda: causal_scan(q, k, v, gk=g, backend="cupy")
+    if op == "gla":
+        (gk,) = heads_first(x["gk"])
+        return lambda: causal_scan(q, k, v, gk=gk, backend="cupy")
+    if op == "delta":
+        (beta,) = heads_first(x["beta"])
+        return lambda: delta_scan(q, kn, v, beta, backend="cupy")
+    if op == "gated_delta":
+        g, beta = heads_first(x["g"], x["beta"])
+        return lambda: delta_scan(q, kn, v, beta, g=g, backend="cupy")
+    raise ValueError(op)
+
+
+def ours_fwd_bwd(op: str, x: dict[str, torch.Tensor]) -> Any:
+    q, k, v = heads_first(x["q"], x["k"], x["v"])
+    gk = heads_first(x["g"])[0] if op == "simple_gla" else None
+    do = torch.randn_like(q[..., : v.shape[-1]])
+
+    def run() -> Any:
+        causal_scan(q, k, v, gk=gk, backend="cupy")
+        return causal_scan_vjp(q, k, v, do, gk=gk, backend="cupy")
+    return run
+
+
+def fla(op: str, x: dict[str, torch.Tensor], mode: str = "chunk") -> Any:
+    import fla.ops as ops
+
+    q, k, v = x["q"], x["k"], x["v"]
+    calls = {
+        ("linear", "chunk"): lambda: ops.chunk_linear_attn(q, k, v, scale=1.0, normalize=False),
+        ("linear", "fused_recurrent"): lambda: ops.fused_recurrent_linear_attn(q, k, v, scale=1.0, normalize=False),
+        ("simple_gla", "chunk"): lambda: ops.chunk_simple_gla(q, k, v, g=x["g"], scale=1.0),
+        ("gla", "chunk"): lambda: ops.chunk_gla(q, k, v, g=x["gk"], scale=1.0),
+        ("delta", "chunk"): lambda: ops.chunk_delta_rule(q, x["kn"], v, x["beta"], scale=1.0),
+        ("gated_delta", "chunk"): lambda: ops.chunk_gated_delta_rule(q, x["kn"], v, x["g"], x["beta"], scale=1.0),
+    }
+    return calls[(op, mode)]
+
+
+def fla_fwd_bwd(op: str, x: dict[str, torch.Tensor]) -> Any:
+    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in x.items()}
+    forward = fla(op, leaves)
+    do = torch.randn_like(x["v"])
+
+    def run() -> None:
+        o = forward()
+        o = o[0] if isinstance(o, tuple) else o
+        o.backward(do)
+    return run
+
+
+def sdpa(x: dict[str, torch.Tensor]) -> Any:
+    q, k, v = heads_first(x["q"], x["k"], x["v"])
+    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def linear_reference(x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Causal linear attention in float64, (Q Kᵀ ⊙ M) V per batch element: (B, H, T, D)."""
+    q, k, v = (t.double() for t in heads_first(x["q"], x["k"], x["v"]))
+    T = q.shape[2]
+    mask = torch.ones(T, T, device="cuda", dtype=torch.float64).tril()
+    return torch.stack([((qb @ kb.transpose(-1, -2)) * mask) @ vb for qb, kb, vb in zip(q, k, v, strict=True)])
+
+
+def rel_error(o: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(torch.linalg.norm(o.double() - ref) / torch.linalg.norm(ref))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="gpu_peers.json")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    parser.add_argument("--ops", nargs="+", default=["linear", "simple_gla", "gla", "delta", "gated_delta"])
+    parser.add_argument("--shapes", choices=["fla", "quick"], default="fla")
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds; later measurements are skipped")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bw = copy_bandwidth()
+    rows: list[dict[str, Any]] = []
+    result = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw, "rows": rows,
+              "command": "PYTHONPATH=. python docs/scripts/gpu_peers.py " + " ".join(argv or sys.argv[1:])}
+
+    def record(**row: Any) -> None:
+        rows.append(row)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+
+    def timed(name: str, fn: Any, **row: Any) -> None:
+        if time.perf_counter() - start > args.budget:
+            record(impl=name, ms=None, note="skipped: time budget", **row)
+            return
+        try:
+            record(impl=name, ms=median_ms(fn), **row)
+        except Exception as error:  # a peer that rejects a shape or dtype is reported, not fatal
+            record(impl=name, ms=None, note=f"{type(error).__name__}: {error}"[:200], **row)
+        torch.cuda.empty_cache()
+
+    shapes = FLA_SHAPES if args.shapes == "fla" else [(16, 2048, 16, 128)]
+    for dname in args.dtypes:
+        for shape in shapes:
+            B, T, H, D = shape
+            x = inputs(shape, DTYPES[dname])
+            floor = 4 * B * T * H * D * x["q"].element_size() / bw * 1e3
+            common = {"shape": list(shape), "dtype": dname}
+            record(impl="floor", op="copy q,k,v,o", mode="fwd", ms=floor, **common)
+            for op in args.ops:
+                timed("linattn", ours(op, x), op=op, mode="fwd", **common)
+                timed("fla chunk", fla(op, x), op=op, mode="fwd", **common)
+            if "linear" in args.ops and dname == "fp32":
+                timed("fla fused_recurrent", fla("linear", x, "fused_recurrent"), op="linear", mode="fwd", **common)
+            timed("torch sdpa", sdpa(x), op="softmax", mode="fwd", **common)
+            for op in ("linear", "simple_gla"):
+                if op in args.ops and dname in ("bf16", "fp32"):
+                    timed("linattn", ours_fwd_bwd(op, x), op=op, mode="fwd+bwd", **common)
+                    timed("fla chunk", fla_fwd_bwd(op, x), op=op, mode="fwd+bwd", **common)
+            del x
+            torch.cuda.empty_cache()
+
+    # Accuracy in float32: linattn's kernel and FLA's chunk (TF32) and fused_recurrent against float64.
+    x = inputs((16, 2048, 16, 128), torch.float32)
+    ref = linear_reference(x)
+    import fla.ops as ops
+    errors = {
+        "linattn": rel_error(ours("linear", x)()[0], ref),
+        "fla chunk": rel_error(ops.chunk_linear_attn(x["q"], x["k"], x["v"], scale=1.0, normalize=False)[0]
+                               .transpose(1, 2), ref),
+        "fla fused_recurrent": rel_error(ops.fused_recurrent_linear_attn(x["q"], x["k"], x["v"], scale=1.0,
+                                                                         normalize=False)[0].transpose(1, 2), ref),
+    }
+    result["fp32_rel_error_linear_16x2048x16x128"] = errors
+    del x, ref
+
+    # One decoding step: B = H = 16, Dk = Dv = 128, float32 state read and written once.
+    state = torch.randn(16, 16, 128, 128, device="cuda")
+    q1, k1, v1 = (torch.randn(16, 16, 1, 128, device="cuda") for _ in range(3))
+    step = lambda: causal_scan(q1, k1, v1, initial_state=state, backend="cupy")  # noqa: E731
+    result["decode_step"] = {"ms": median_ms(step), "floor_ms": 2 * state.numel() * 4 / bw * 1e3}
+
+    # Time against T for the plot (bf16, B=4, H=16, D=128).
+    for shape in SWEEP:
+        x = inputs(shape, torch.bfloat16)
+        common = {"shape": list(shape), "dtype": "bf16", "sweep": True}
+        record(impl="floor", op="copy q,k,v,o", mode="fwd", ms=4 * math.prod(shape) * 2 / bw * 1e3, **common)
+        timed("linattn", ours("linear", x), op="linear", mode="fwd", **common)
+        timed("fla chunk", fla("linear", x), op="linear", mode="fwd", **common)
+        timed("torch sdpa", sdpa(x), op="softmax", mode="fwd", **common)
+        del x
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print_table(result)
+    return 0
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{result['gpu']}: copy bandwidth {result['copy_bandwidth_Bps'] / 1e12:.2f} TB/s")
+    groups: dict[tuple, dict[str, Any]] = {}
+    for r in result["rows"]:
+        if r.get("sweep"):
+            continue
+        key = (tuple(r["shape"]), r["dtype"], r["op"] if r["impl"] != "floor" else "floor", r["mode"])
+        groups.setdefault(key, {})[r["impl"]] = r["ms"]
+    floors = {(k[0], k[1]): v["floor"] for k, v in groups.items() if k[2] == "floor"}
+    print(f"{'shape':>18} {'dt':>4} {'op':>11} {'mode':>7} {'linattn':>8} {'peer':>8} {'x peer':>6} {'floor':>7} "
+          f"{'%bw':>5}")
+    for (shape, dt, op, mode), impls in groups.items():
+        if op == "floor":
+            continue
+        ours_ms, peer = impls.get("linattn"), impls.get("fla chunk", impls.get("torch sdpa"))
+        floor = floors.get((shape, dt))
+        fmt = lambda v: "   -" if v is None else f"{v:8.3f}"  # noqa: E731
+        ratio = f"{peer / ours_ms:6.2f}" if ours_ms and peer else "     -"
+        share = f"{100 * floor / ours_ms:5.0f}" if ours_ms and floor and mode == "fwd" else "    -"
+        print(f"{'x'.join(map(str, shape)):>18} {dt:>4} {op:>11} {mode:>7} {fmt(ours_ms)} {fmt(peer)} {ratio} "
+              f"{fmt(floor)} {share}")
+    print("fp32 relative error, linear:", result.get("fp32_rel_error_linear_16x2048x16x128"))
+    print("decode step:", result.get("decode_step"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The CUDA scan kernels (``linattn/backends/cuda/scan.cu``) against the float64 NumPy reference.
+
+Tolerances. Each output element is a sum of n = T·Dk products (the scan over time of
+the readout over keys), so a kernel accumulating in precision ε may differ from the
+exact float64 value by about 8·ε·sqrt(n) relative to the largest output
+(:func:`linattn.testing.tolerance`). Data stored in float16 or bfloat16 is read
+exactly (the reference gets the same rounded values) and accumulated in float32; only
+the output is rounded to the storage type, which adds at most half an ulp of the
+largest output: ε_storage relative to max|o| covers it with a factor 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from linattn.delta_scan import delta_scan
+from linattn.scan import causal_scan, causal_scan_vjp
+from linattn.testing import assert_close, machine_epsilon, tolerance
+
+DIMS = (16, 32, 64, 100, 128, 256)
+EXTREME_LOG_GATES = (0.0, -1e-3, -30.0, -1e3)
+GPU_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
+
+
+def _rtol(dtype: str, n: int) -> float:
+    """Relative (to max|o|) tolerance of a kernel on data stored in ``dtype`` (see the module docstring)."""
+    accumulate = "float64" if dtype == "float64" else "float32"
+    rounding = 0.0 if dtype in ("float32", "float64") else machine_epsilon(dtype)
+    return tolerance(accumulate, n) + rounding
+
+
+def _check(actual: Any, desired: np.ndarray, dtype: str, n: int, what: str) -> None:
+    rtol = _rtol(dtype, n)
+    assert_close(actual, desired, rtol=rtol, atol=rtol * float(np.max(np.abs(desired), initial=0.0)), err_msg=what)
+
+
+def _log_gates(rng: np.random.Generator, shape: tuple[int, ...], regime: str) -> np.ndarray:
+    if regime == "mild":
+        return -rng.uniform(0.0, 1.0, shape)
+    return rng.choice(EXTREME_LOG_GATES, size=shape)
+
+
+@st.composite
+def linear_problems(draw: Any) -> dict[str, Any]:
+    B, H, G = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    T = draw(st.integers(1, 300))
+    Dk, Dv = draw(st.sampled_from(DIMS)), draw(st.sampled_from(DIMS))
+    return {
+        "lead_q": (B, H, G), "lead_kv": (B, H, 1), "T": T, "Dk": Dk, "Dv": Dv,
+        "gates": draw(st.sampled_from(["none", "step", "key", "value", "key+value"])),
+        "regime": draw(st.sampled_from(["mild", "extreme"])),
+        "initial": draw(st.booleans()),
+        "dtype": draw(st.sampled_from(["float64", "float32", "float16"])),
+        "seed": draw(st.integers(0, 2**31)),
+    }
+
+
+def _linear_inputs(p: dict[str, Any]) -> dict[str, np.ndarray | None]:
+    rng = np.random.default_rng(p["seed"])
+    T, Dk, Dv, kv = p["T"], p["Dk"], p["Dv"], p["lead_kv"]
+    store = lambda x: x.astype(p["dtype"]).astype(np.float64)  # noqa: E731  (the values the kernel reads)
+    arrays = {
+        "q": store(rng.standard_normal((*p["lead_q"], T, Dk)) / np.sqrt(Dk)),
+        "k": store(rng.standard_normal((*kv, T, Dk))),
+        "v": store(rng.standard_normal((*kv, T, Dv))),
+        "gk": None, "gv": None, "initial_state": None,
+    }
+    if p["gates"] in ("step", "key", "key+value"):
+        arrays["gk"] = store(_log_gates(rng, (*kv, T, 1 if p["gates"] == "step" else Dk), p["regime"]))
+    if p["gates"] in ("value", "key+value"):
+        arrays["gv"] = store(_log_gates(rng, (*kv, T, Dv), p["regime"]))
+    if p["initial"]:
+        arrays["initial_state"] = rng.standard_normal((*kv, Dk, Dv))
+    return arrays
+
+
+def _to_device(cp: Any, arrays: dict[str, Any], dtype: str) -> dict[str, Any]:
+    out = {}
+    for name, x in arrays.items():
+        if x is None:
+            out[name] = None
+        else:  # states stay in the accumulation precision; the rest in the storage dtype
+            out[name] = cp.asarray(x, dtype="float64" if dtype == "float64" else (
+                "float32" if name in ("initial_state", "dfinal_state") else dtype))
+    return out
+
+
+@pytest.mark.usefixtures("nan_memory")
+@GPU_SETTINGS
+@given(linear_problems())
+def test_linear_scan_kernel_matches_the_reference(cp: Any, problem: dict[str, Any]) -> None:
+    host = _linear_inputs(problem)
+    o_ref, s_ref = causal_scan(**host, form="recurrent")
+    o, s = causal_scan(**_to_device(cp, host, problem["dtype"]), backend="cupy")
+    assert str(o.dtype) == problem["dtype"]
+    n = problem["T"] * problem["Dk"]
+    _check(o, o_ref, problem["dtype"], n, f"outputs of {problem}")
+    _check(s, s_ref, "float32" if problem["dtype"] == "float16" else problem["dtype"], n, f"final state of {problem}")
+
+
+@st.composite
+def delta_problems(draw: Any) -> dict[str, Any]:
+    return {
+        "lead": (draw(st.integers(1, 2)), draw(st.integers(1, 3))), "T": draw(st.integers(1, 200)),
+        "Dk": draw(st.sampled_from(DIMS)), "Dv": draw(st.sampled_from(DIMS)),
+        "beta": draw(st.sampled_from(["step", "value"])), "gated": draw(st.booleans()),
+        "regime": draw(st.sampled_from(["mild", "extreme"])), "initial": draw(st.booleans()),
+        "dtype": draw(st.sampled_from(["float64", "float32", "float16"])), "seed": draw(st.integers(0, 2**31)),
+    }
+
+
+@pytest.mark.usefixtures("nan_memory")
+@GPU_SETTINGS
+@given(delta_problems())
+def test_delta_kernel_matches_the_reference(cp: Any, problem: dict[str, Any]) -> None:
+    rng = np.random.default_rng(problem["seed"])
+    lead, T, Dk, Dv = problem["lead"], problem["T"], problem["Dk"], problem["Dv"]
+    store = lambda x: x.astype(problem["dtype"]).astype(np.float64)  # noqa: E731
+    k = rng.standard_normal((*lead, T, Dk))
+    host = {
+        "q": store(rng.standard_normal((*lead, T, Dk)) / np.sqrt(Dk)),
+        "k": store(k / np.linalg.norm(k, axis=-1, keepdims=True)),  # |k| = 1: the state cannot grow
+        "v": store(rng.standard_normal((*lead, T, Dv))),
+        "beta": store(rng.uniform(0, 1, (*lead, T, 1 if problem["beta"] == "step" else Dv))),
+        "g": store(_log_gates(rng, (*lead, T, 1), problem["regime"])) if problem["gated"] else None,
+        "initial_state": rng.standard_normal((*lead, Dk, Dv)) if problem["initial"] else None,
+    }
+    o_ref, s_ref = delta_scan(**host, form="recurrent")
+    o, s = delta_scan(**_to_device(cp, host, problem["dtype"]), backend="cupy")
+    n = T * Dk
+    _check(o, o_ref, problem["dtype"], n, f"outputs of {problem}")
+    _check(s, s_ref, "float32" if problem["dtype"] == "float16" else problem["dtype"], n, f"final state of {problem}")
+
+
+@pytest.mark.usefixtures("nan_memory")
+@pytest.mark.parametrize("gates", ["none", "step", "key+value"])
+def test_vjp_through_the_kernels_matches_the_reference(cp: Any, gates: str) -> None:
+    p = {"lead_q": (2, 2, 2), "lead_kv": (2, 2, 1), "T": 150, "Dk": 64, "Dv": 100, "gates": gates,
+         "regime": "mild", "initial": True, "dtype": "float64", "seed": 7}
+    host = _linear_inputs(p)
+    rng = np.random.default_rng(8)
+    do = rng.standard_normal((*p["lead_q"], p["T"], p["Dv"]))
+    dfinal = rng.standard_normal((*p["lead_kv"], p["Dk"], p["Dv"]))
+    ref = causal_scan_vjp(**host, do=do, dfinal_state=dfinal, form="recurrent")
+    dev = _to_device(cp, {**host, "do": do, "dfinal_state": dfinal}, "float64")
+    got = causal_scan_vjp(**dev, backend="cupy")
+    for name in ("dq", "dk", "dv", "dgk", "dgv", "dinitial_state"):
+        want = getattr(ref, name)
+        if want is None:
+            assert getattr(got, name) is None
+            continue
+        # Gradients are scans too (over T·max(Dk, Dv) products), plus reverse cumulative
+        # sums over T for the gates.
+        assert_close(getattr(got, name), want, dtype="float64", reduction_length=p["T"] * 100, err_msg=name)
+
+
+def _long_problem(cp: Any, T: int, dtype: str = "float32") -> tuple[dict[str, Any], dict[str, Any]]:
+    """One head, long: few blocks, so the kernel splits time into segments (three passes)."""
+    p = {"lead_q": (1, 1, 1), "lead_kv": (1, 1, 1), "T": T, "Dk": 64, "Dv": 64, "gates": "key",
+         "regime": "mild", "initial": True, "dtype": dtype, "seed": 3}
+    host = _linear_inputs(p)
+    host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
+    return host, _to_device(cp, host, dtype)
+
+
+@pytest.mark.usefixtures("nan_memory")
+def test_time_segments_match_the_reference(cp: Any) -> None:
+    from linattn.backends import _cuda_scan
+
+    host, dev = _long_problem(cp, 3001)
+    assert _cuda_scan._segments(2, 3001, cp.cuda.Device().id) > 1  # this problem takes the three-pass path
+    o_ref, s_ref = causal_scan(**host)
+    o, s = causal_scan(**dev, backend="cupy")
+    _check(o, o_ref, "float32", 3001 * 64, "outputs")
+    _check(s, s_ref, "float32", 3001 * 64, "final state")
+
+
+@pytest.mark.usefixtures("nan_memory")
+@pytest.mark.parametrize("T", [200, 3001])
+def test_kernels_are_deterministic(cp: Any, T: int) -> None:
+    _, dev = _long_problem(cp, T)
+    o1, s1 = causal_scan(**dev, backend="cupy")
+    o2, s2 = causal_scan(**dev, backend="cupy")
+    assert bool(cp.all(o1 == o2)) and bool(cp.all(s1 == s2))
+
+
+@pytest.mark.usefixtures("nan_memory")
+def test_prefix_outputs_do_not_depend_on_later_steps(cp: Any) -> None:
+    host, dev = _long_problem(cp, 2500)
+    o_full, _ = causal_scan(**dev, backend="cupy")
+    P = 1234
+    prefix = dict(dev)
+    for name in ("q", "k", "v", "gk"):
+        prefix[name] = dev[name][..., :P, :]
+    o_prefix, _ = causal_scan(**prefix, backend="cupy")
+    _check(o_full[..., :P, :], causal_scan(**{**host, **{n: host[n][..., :P, :] for n in ("q", "k", "v", "gk")}})[0],
+           "float32", P * 64, "prefix of the long run")
+    _check(o_prefix, cp.asnumpy(o_full[..., :P, :]).astype(np.float64), "float32", P * 64, "prefix run vs long run")
+
+
+def test_bfloat16_torch_tensors_round_trip_without_float32_copies(cp: Any) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA device")
+    rng = np.random.default_rng(5)
+    B, T, H, D = 2, 333, 3, 128
+    host = [rng.standard_normal((B, T, H, D)) / s for s in (np.sqrt(D), 1.0, 1.0)]
+    tensors = [torch.tensor(x, dtype=torch.bfloat16, device="cuda") for x in host]
+    rounded = [t.double().cpu().numpy() for t in tensors]
+    g = torch.tensor(-rng.uniform(0, 1, (B, T, H)), dtype=torch.bfloat16, device="cuda")
+    views = [t.transpose(1, 2) for t in tensors]  # (B, H, T, D) views of the (B, T, H, D) data
+    o, s = causal_scan(*views, gk=g.transpose(1, 2)[..., None], backend="cupy")
+    assert isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    want, want_s = causal_scan(*(x.transpose(0, 2, 1, 3) for x in rounded),
+                               gk=g.double().cpu().numpy().transpose(0, 2, 1)[..., None])
+    _check(o.float().cpu().numpy(), want, "bfloat16", T * D, "bf16 outputs")
+    _check(s.cpu().numpy(), want_s, "float32", T * D, "bf16 run's final state")
