@@ -26,12 +26,17 @@ import numpy as np
 
 # Shared memory the staged tiles may use per block (the static limit is 48 KiB).
 _SHARED_BUDGET = 46 * 1024
-# The most state rows one lane holds (registers): KSPLIT = the power of two that brings
-# Dk / KSPLIT under this.
-_MAX_ROWS = {np.dtype("float64"): 32}
-_DEFAULT_MAX_ROWS = 64
-# Past this many lanes per column (Dk > 512 in float32) the reference runs instead.
-_MAX_KSPLIT = 8
+# 32-bit registers of state one lane holds (KPT rows × NC columns): 128, or 64 for the
+# updates that keep more values live (per-key and per-value decay together, the delta
+# rule); and at most 64 rows, so that the compiler never spills the state.
+_STATE_REGISTERS = {False: 128, True: 64}
+_MAX_ROWS = 64
+# Value columns per lane: each q, k value read from shared memory feeds 2·NC multiply-adds.
+_COLUMNS = 4
+# Lanes per column group: a power of two, at most a warp (so Dk ≤ 1024 in float32).
+_MAX_KSPLIT = 32
+# Threads per block, at least (a whole warp, so that every shuffle has all its lanes).
+_MIN_THREADS, _TARGET_THREADS = 32, 64
 # Segments are at least this long, so the extra pass stays a small share of the work.
 _MIN_SEGMENT = 256
 
@@ -94,26 +99,45 @@ def _operand(cp: Any, x: Any) -> _Operand:
     return _Operand(x, strides, x.strides[-2] // item)
 
 
-def _plan(Dk: int, Dv: int, dtype: Any, tiles: int) -> tuple[int, int, int, int] | None:
-    """(KSPLIT, KPT, VB, TC) for these sizes, or None when the kernel does not cover them.
+@dataclass(frozen=True)
+class _Plan:
+    """A kernel's shape: lanes per column group, rows and columns per lane, columns and steps per tile."""
 
-    ``tiles`` is the number of (T, ·) tiles staged per step: q, k and a per-key decay
-    are (TC, Dk) rows, v, the output and per-value operands (TC, VB) columns.
+    ksplit: int
+    kpt: int
+    nc: int
+    vb: int
+    tc: int
+
+    @property
+    def threads(self) -> int:
+        return (self.vb // self.nc) * self.ksplit
+
+
+def _plan(Dk: int, Dv: int, dtype: str, tiles: tuple[int, int], heavy: bool) -> _Plan | None:
+    """The kernel's shape for these sizes, or None when the kernel does not cover them.
+
+    ``tiles`` counts the tiles staged per step: (rows, columns) — q, k and a per-key
+    decay are (TC, Dk) rows; v, the output and per-value operands (TC, VB) columns.
+    ``heavy``: an update that keeps more values live (see ``_STATE_REGISTERS``).
     """
-    max_rows = _MAX_ROWS.get(_acc_dtype(dtype), _DEFAULT_MAX_ROWS)
+    acc = _acc_dtype(dtype).itemsize
+    nc = _COLUMNS if Dv >= _COLUMNS else 1
+    budget = min(_STATE_REGISTERS[heavy] * 4 // acc // nc, _MAX_ROWS * 4 // acc)  # rows per lane
     ksplit = 1
-    while math.ceil(Dk / ksplit) > max_rows:
+    while 4 * math.ceil(math.ceil(Dk / ksplit) / 4) > budget:
         ksplit *= 2
     if ksplit > _MAX_KSPLIT:
         return None
     kpt = 4 * math.ceil(math.ceil(Dk / ksplit) / 4)
-    vb = max(16, 128 // ksplit)
-    vb = min(vb, max(16, 1 << max(0, math.ceil(math.log2(max(Dv, 1))))))
-    acc = _acc_dtype(dtype).itemsize
+    groups = max(_TARGET_THREADS // ksplit, 1)  # column groups per block
+    groups = min(groups, math.ceil(Dv / nc))  # no more than the columns need ...
+    groups = max(groups, _MIN_THREADS // ksplit, 1)  # ... but at least a warp of threads
+    vb = groups * nc
     rows, cols = tiles
     for tc in (32, 16, 8, 4, 2, 1):
         if acc * tc * (rows * ksplit * (kpt + 4) + cols * vb + 2) <= _SHARED_BUDGET:
-            return ksplit, kpt, vb, tc
+            return _Plan(ksplit, kpt, nc, vb, tc)
     return None
 
 
@@ -247,7 +271,7 @@ class _Layout:
     T: int
     Dk: int
     Dv: int
-    plan: tuple[int, int, int, int]
+    plan: _Plan
     defines: dict[str, Any]
 
     @property
@@ -256,26 +280,26 @@ class _Layout:
 
     @property
     def col_blocks(self) -> int:
-        return math.ceil(self.Dv / self.plan[2])
+        return math.ceil(self.Dv / self.plan.vb)
 
     @property
     def block(self) -> int:
-        return self.plan[0] * self.plan[2]
+        return self.plan.threads
 
 
-def _layout(data: _Arrays, state_operands: list[Any], tiles: tuple[int, int]) -> _Layout | None:
+def _layout(data: _Arrays, state_operands: list[Any], tiles: tuple[int, int], heavy: bool) -> _Layout | None:
     q, v = data.arrays[0], data.arrays[2]
     operands = [x for x in data.arrays if x is not None]
     lead = _broadcast_lead(operands)
     if lead is None or len(lead) > 3 or any(x.ndim < 2 for x in operands):
         return None
     T, Dk, Dv = int(q.shape[-2]), int(q.shape[-1]), int(v.shape[-1])
-    plan = _plan(Dk, Dv, data.dtype, tiles)
+    plan = _plan(Dk, Dv, data.dtype, tiles, heavy)
     if plan is None or T == 0:
         return None
     elem, acc = _C_TYPES[data.dtype]
-    ksplit, kpt, vb, tc = plan
-    defines = {"ELEM": elem, "ACC": acc, "KPT": kpt, "KSPLIT": ksplit, "VB": vb, "TC": tc}
+    defines = {"ELEM": elem, "ACC": acc, "ACC_DOUBLE": int(acc == "double"), "KPT": plan.kpt, "KSPLIT": plan.ksplit,
+               "NC": plan.nc, "VB": plan.vb, "TC": plan.tc}
     state_lead = _broadcast_lead([x for x in state_operands if x is not None])
     return _Layout(lead, (1,) * (3 - len(lead)) + lead, state_lead, T, Dk, Dv, plan, defines)
 
@@ -292,7 +316,8 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any) -> tuple[
         return None
     q, k, v, gk, gv, state0 = data.arrays
     gk_mode = 0 if gk is None else (1 if gk.shape[-1] == 1 else 2)
-    lay = _layout(data, [k, v, gk, gv, state0], (3 if gk_mode == 2 else 2, 3 if gv is not None else 2))
+    lay = _layout(data, [k, v, gk, gv, state0], (3 if gk_mode == 2 else 2, 3 if gv is not None else 2),
+                  heavy=gk_mode == 2 and gv is not None)
     if lay is None:
         return None
     acc = _acc_dtype(data.dtype)
@@ -357,7 +382,7 @@ def delta_scan(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any) -> tuple[
         return None
     q, k, v, beta, g, state0 = data.arrays
     beta_mode = 1 if beta.shape[-1] == 1 else 2
-    lay = _layout(data, [k, v, beta, g, state0], (2, 3 if beta_mode == 2 else 2))
+    lay = _layout(data, [k, v, beta, g, state0], (2, 3 if beta_mode == 2 else 2), heavy=True)
     if lay is None:
         return None
     acc = _acc_dtype(data.dtype)

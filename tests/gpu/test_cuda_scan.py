@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from linattn.delta_scan import delta_scan
@@ -24,7 +24,10 @@ from linattn.testing import assert_close, machine_epsilon, tolerance
 
 DIMS = (16, 32, 64, 100, 128, 256)
 EXTREME_LOG_GATES = (0.0, -1e-3, -30.0, -1e3)
-GPU_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
+# The fixtures (CuPy, the NaN-filling allocator) hold for every example of a test, so
+# their function scope is what is wanted; kernels compile on first use (no deadline).
+GPU_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
+                        suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _rtol(dtype: str, n: int) -> float:

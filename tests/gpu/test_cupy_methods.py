@@ -76,7 +76,7 @@ def test_decoding_steps_on_cupy(cp: Any) -> None:
     from linattn import decoding
 
     q, k, v = (cp.asarray(x[:, :20]) for x in _qkv(2))
-    want = linattn.linear_attention(q, k, v, feature_map="identity", normalize=False)
+    want = linattn.linear_attention(q, k, v, feature_map="identity", normalize=False, causal=True)
     state = decoding.init_state("linear", batch=B, kv_heads=H, key_dim=D, value_dim=D, feature_map="identity",
                                 normalize=False, xp=cp)
     outputs = []

@@ -5,16 +5,17 @@
 //            S_t = S~_t + k_t u_t^T,                                     o_t = S_t^T q_t
 //
 // Work split: one block per (leading index, tile of VB value columns, time segment).
-// Each value column j is owned by KSPLIT neighbouring lanes of one warp; lane ks holds
-// the KPT state rows ks*KPT .. ks*KPT+KPT-1 of column j in registers, so a step's
-// update needs no communication and its readout sum over Dk is a shuffle over the
-// KSPLIT lanes. Steps are staged through shared memory TC at a time: q, k (and the
+// Each group of NC value columns is owned by KSPLIT neighbouring lanes of one warp;
+// lane ks holds the KPT state rows ks*KPT .. ks*KPT+KPT-1 of its NC columns in
+// registers, so a step's update needs no communication and its readout sum over Dk is
+// a shuffle over the KSPLIT lanes. Holding NC columns lets each q, k value read from
+// shared memory (four at a time) feed 2·NC fused multiply-adds. Steps are staged through shared memory TC at a time: q, k (and the
 // per-key decay, already exponentiated) for all Dk rows, v (and the per-value decay)
 // for the block's columns. Every load converts to the accumulation type ACC (float, or
 // double for double inputs), so half and bfloat16 data are read as they are stored and
 // nothing is accumulated in reduced precision; no tensor cores are used (no TF32).
 //
-// Compile-time parameters (-D): ELEM, ACC, KPT, KSPLIT, VB, TC, GK_MODE (0 none,
+// Compile-time parameters (-D): ELEM, ACC (and ACC_DOUBLE), KPT, KSPLIT, NC, VB, TC, GK_MODE (0 none,
 // 1 one per step, 2 per key), HAS_GV, HAS_SIN, WRITE_O, and for the delta rule
 // DELTA (compile the delta rule instead of the linear scan), BETA_MODE (1 per step,
 // 2 per value column) and HAS_G.
@@ -26,7 +27,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
-#define NT (VB * KSPLIT)
+#define NT ((VB / NC) * KSPLIT)
 #define KSEG (KPT + 4)            // a lane's rows in shared memory, padded against bank conflicts
 #define KROW (KSPLIT * KSEG)
 
@@ -44,6 +45,20 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, ACC x) { *p = __float2bf
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+struct Quad { ACC v[4]; };  // four consecutive shared-memory values, loaded in one or two instructions
+
+__device__ __forceinline__ Quad load4(const ACC* p) {
+    Quad r;
+#if ACC_DOUBLE
+    const double2 a = *reinterpret_cast<const double2*>(p), b = *reinterpret_cast<const double2*>(p + 2);
+    r.v[0] = a.x; r.v[1] = a.y; r.v[2] = b.x; r.v[3] = b.y;
+#else
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    r.v[0] = a.x; r.v[1] = a.y; r.v[2] = a.z; r.v[3] = a.w;
+#endif
+    return r;
+}
 
 struct Lead {  // strides of the three leading axes
     i64 s0, s1, s2;
@@ -95,7 +110,7 @@ __device__ __forceinline__ void stage_cols(ACC (*sh)[VB], const ELEM* base, i64 
 
 #define GEOMETRY_SETUP                                                                                \
     const int ks = threadIdx.x % KSPLIT;                                                              \
-    const int cl = threadIdx.x / KSPLIT;                                                              \
+    const int cl = (threadIdx.x / KSPLIT) * NC;  /* the thread's first column within the tile */    \
     const int c0 = blockIdx.y * VB;                                                                   \
     const int col = c0 + cl;                                                                          \
     const i64 l = blockIdx.x;                                                                         \
@@ -106,12 +121,15 @@ __device__ __forceinline__ void stage_cols(ACC (*sh)[VB], const ELEM* base, i64 
     const ELEM* kb = k + Lead{k0, k1, k2}.at(a0, a1, a2);                                             \
     const ELEM* vb = v + Lead{v0, v1, v2}.at(a0, a1, a2);                                             \
     ELEM* ob = o + Lead{o0, o1, o2}.at(a0, a1, a2);                                                   \
-    ACC S[KPT];                                                                                       \
+    ACC S[KPT][NC];                                                                                   \
     _Pragma("unroll") for (int i = 0; i < KPT; ++i) {                                                \
         const int row = ks * KPT + i;                                                                 \
-        S[i] = (ACC)0;                                                                                \
-        if (HAS_SIN && row < Dk && col < Dv)                                                          \
-            S[i] = s_in[Lead{si0, si1, si2}.at(a0, a1, a2) + blockIdx.z * sip + row * sir + col * sic]; \
+        _Pragma("unroll") for (int c = 0; c < NC; ++c) {                                             \
+            S[i][c] = (ACC)0;                                                                         \
+            if (HAS_SIN && row < Dk && col + c < Dv)                                                  \
+                S[i][c] = s_in[Lead{si0, si1, si2}.at(a0, a1, a2) + blockIdx.z * sip + row * sir      \
+                               + (col + c) * sic];                                                    \
+        }                                                                                             \
     }
 
 // The state leaving the segment: s_out is contiguous (n_lead, segments, Dk, Dv).
@@ -120,7 +138,8 @@ __device__ __forceinline__ void stage_cols(ACC (*sh)[VB], const ELEM* base, i64 
         ACC* dst = s_out + ((i64)blockIdx.x * gridDim.z + blockIdx.z) * Dk * Dv;                        \
         _Pragma("unroll") for (int i = 0; i < KPT; ++i) {                                            \
             const int row = ks * KPT + i;                                                             \
-            if (row < Dk && col < Dv) dst[(i64)row * Dv + col] = S[i];                                 \
+            _Pragma("unroll") for (int c = 0; c < NC; ++c)                                           \
+                if (row < Dk && col + c < Dv) dst[(i64)row * Dv + col + c] = S[i][c];                 \
         }                                                                                             \
     }
 
@@ -176,39 +195,58 @@ linear_scan(const ELEM* q, const ELEM* k, const ELEM* v, const ELEM* gk, const E
 #endif
         __syncthreads();
         for (int t = 0; t < tc; ++t) {
-            const ACC vj = sv[t][cl];
             const ACC* kr = &sk[t][ks * KSEG];
             const ACC* qr = &sq[t][ks * KSEG];
-#if GK_MODE == 2
-            const ACC* gr = &sgk[t][ks * KSEG];
-#endif
+            ACC vj[NC], acc[NC];
 #if HAS_GV
-            const ACC dv = sgv[t][cl];
+            ACC dv[NC];
 #endif
-#if GK_MODE == 1 && HAS_GV
-            const ACC ds = sg1[t] * dv;
-#elif GK_MODE == 1
+#pragma unroll
+            for (int c = 0; c < NC; ++c) {
+                vj[c] = sv[t][cl + c];
+                acc[c] = (ACC)0;
+#if HAS_GV
+                dv[c] = sgv[t][cl + c];
+#endif
+            }
+#if GK_MODE == 1
             const ACC ds = sg1[t];
 #endif
-            ACC acc[4] = {0, 0, 0, 0};
 #pragma unroll
-            for (int i = 0; i < KPT; ++i) {
-#if GK_MODE == 2 && HAS_GV
-                S[i] = S[i] * (gr[i] * dv) + kr[i] * vj;
-#elif GK_MODE == 2
-                S[i] = S[i] * gr[i] + kr[i] * vj;
-#elif GK_MODE == 1
-                S[i] = S[i] * ds + kr[i] * vj;
-#elif HAS_GV
-                S[i] = S[i] * dv + kr[i] * vj;
-#else
-                S[i] += kr[i] * vj;
+            for (int i4 = 0; i4 < KPT; i4 += 4) {
+                const Quad k4 = load4(kr + i4);
+                const Quad q4 = load4(qr + i4);
+#if GK_MODE == 2
+                const Quad g4 = load4(&sgk[t][ks * KSEG] + i4);
 #endif
-                if (WRITE_O) acc[i & 3] += qr[i] * S[i];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+#pragma unroll
+                    for (int c = 0; c < NC; ++c) {
+                        ACC& s_ = S[i4 + j][c];
+#if GK_MODE == 2 && HAS_GV
+                        s_ = s_ * (g4.v[j] * dv[c]) + k4.v[j] * vj[c];
+#elif GK_MODE == 2
+                        s_ = s_ * g4.v[j] + k4.v[j] * vj[c];
+#elif GK_MODE == 1 && HAS_GV
+                        s_ = s_ * (ds * dv[c]) + k4.v[j] * vj[c];
+#elif GK_MODE == 1
+                        s_ = s_ * ds + k4.v[j] * vj[c];
+#elif HAS_GV
+                        s_ = s_ * dv[c] + k4.v[j] * vj[c];
+#else
+                        s_ += k4.v[j] * vj[c];
+#endif
+                        if (WRITE_O) acc[c] += q4.v[j] * s_;
+                    }
+                }
             }
             if (WRITE_O) {
-                const ACC r = lane_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
-                if (ks == 0) so[t][cl] = r;
+#pragma unroll
+                for (int c = 0; c < NC; ++c) {
+                    const ACC r = lane_sum(acc[c]);
+                    if (ks == 0) so[t][cl + c] = r;
+                }
             }
         }
         WRITE_OUTPUTS
@@ -261,27 +299,52 @@ delta_scan(const ELEM* q, const ELEM* k, const ELEM* v, const ELEM* beta, const 
             const ACC* qr = &sq[t][ks * KSEG];
 #if HAS_G
             const ACC decay = sg1[t];
-#pragma unroll
-            for (int i = 0; i < KPT; ++i) S[i] *= decay;
 #endif
-            ACC pred[4] = {0, 0, 0, 0};
+            ACC pred[NC], u[NC], acc[NC];
 #pragma unroll
-            for (int i = 0; i < KPT; ++i) pred[i & 3] += kr[i] * S[i];
+            for (int c = 0; c < NC; ++c) pred[c] = acc[c] = (ACC)0;
+#pragma unroll
+            for (int i4 = 0; i4 < KPT; i4 += 4) {
+                const Quad k4 = load4(kr + i4);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+#pragma unroll
+                    for (int c = 0; c < NC; ++c) {
+#if HAS_G
+                        S[i4 + j][c] *= decay;
+#endif
+                        pred[c] += k4.v[j] * S[i4 + j][c];
+                    }
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < NC; ++c) {
 #if BETA_MODE == 2
-            const ACC bj = sb[t][cl];
+                const ACC bj = sb[t][cl + c];
 #else
-            const ACC bj = sb1[t];
+                const ACC bj = sb1[t];
 #endif
-            const ACC u = bj * (sv[t][cl] - lane_sum((pred[0] + pred[1]) + (pred[2] + pred[3])));
-            ACC acc[4] = {0, 0, 0, 0};
+                u[c] = bj * (sv[t][cl + c] - lane_sum(pred[c]));
+            }
 #pragma unroll
-            for (int i = 0; i < KPT; ++i) {
-                S[i] += kr[i] * u;
-                if (WRITE_O) acc[i & 3] += qr[i] * S[i];
+            for (int i4 = 0; i4 < KPT; i4 += 4) {
+                const Quad k4 = load4(kr + i4);
+                const Quad q4 = load4(qr + i4);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+#pragma unroll
+                    for (int c = 0; c < NC; ++c) {
+                        S[i4 + j][c] += k4.v[j] * u[c];
+                        if (WRITE_O) acc[c] += q4.v[j] * S[i4 + j][c];
+                    }
+                }
             }
             if (WRITE_O) {
-                const ACC r = lane_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
-                if (ks == 0) so[t][cl] = r;
+#pragma unroll
+                for (int c = 0; c < NC; ++c) {
+                    const ACC r = lane_sum(acc[c]);
+                    if (ks == 0) so[t][cl + c] = r;
+                }
             }
         }
         WRITE_OUTPUTS
