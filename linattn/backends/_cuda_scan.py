@@ -304,6 +304,20 @@ def _layout(data: _Arrays, state_operands: list[Any], tiles: tuple[int, int], he
     return _Layout(lead, (1,) * (3 - len(lead)) + lead, state_lead, T, Dk, Dv, plan, defines)
 
 
+def _vector_width(operands: list[_Operand | None], extent: int, group: int) -> int:
+    """Elements per 16-byte staging load, if every row of every operand allows it, else 1.
+
+    Rows must start on 16 bytes (the pointer and every stride a multiple of the width),
+    and ``extent`` (the row length loaded) and ``group`` (a run that one load must not
+    cross) must be multiples of it.
+    """
+    present = [op for op in operands if op is not None]
+    width = 16 // present[0].array.itemsize
+    aligned = all(op.array.data.ptr % 16 == 0 and all(s % width == 0 for s in (*op.lead, op.time))
+                  for op in present)
+    return width if aligned and extent % width == 0 and group % width == 0 else 1
+
+
 def _strides(op: _Operand | None) -> list[Any]:
     return [np.int64(s) for s in ((0, 0, 0, 0) if op is None else (*op.lead, op.time))]
 
@@ -330,7 +344,9 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any) -> tuple[
     gko, gvo = (None if g is None else _operand(cp, g) for g in (gk, gv))
     o = data.empty((*lay.lead, T, Dv))
     oo = _operand(cp, o)
-    defines = {**lay.defines, "GK_MODE": gk_mode, "HAS_GV": int(gv is not None)}
+    defines = {**lay.defines, "GK_MODE": gk_mode, "HAS_GV": int(gv is not None),
+               "VW": _vector_width([qo, ko, gko if gk_mode == 2 else None], Dk, lay.plan.kpt),
+               "VWC": _vector_width([vo, gvo], Dv, lay.plan.vb)}
 
     def run(write_o: bool, s_in: Any, s_in_strides: tuple, segments: int) -> Any:
         s_out = cp.empty((n_lead, segments, Dk, Dv), dtype=acc)
@@ -395,7 +411,9 @@ def delta_scan(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any) -> tuple[
     args = [qo.array, ko.array, vo.array, bo.array, (go or qo).array, s_out if s_in is None else s_in, o, s_out,
             *_geometry(lay.T, lay.Dk, lay.Dv, lay.lead3, lay.T, qo, ko, vo, oo, strides), *_strides(bo), *_strides(go)]
     defines = {**lay.defines, "DELTA": 1, "BETA_MODE": beta_mode, "HAS_G": int(g is not None),
-               "HAS_SIN": int(s_in is not None), "WRITE_O": 1}
+               "HAS_SIN": int(s_in is not None), "WRITE_O": 1,
+               "VW": _vector_width([qo, ko], lay.Dk, lay.plan.kpt),
+               "VWC": _vector_width([vo, bo if beta_mode == 2 else None], lay.Dv, lay.plan.vb)}
     _launch("delta_scan", defines, (lay.n_lead, lay.col_blocks, 1), lay.block, args)
     final = _final_state(s_out, lay.lead3, lay.state_lead, lay.Dk, lay.Dv)
     return data.back(o, data=True), data.back(final, data=False)

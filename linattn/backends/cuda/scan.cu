@@ -15,7 +15,8 @@
 // double for double inputs), so half and bfloat16 data are read as they are stored and
 // nothing is accumulated in reduced precision; no tensor cores are used (no TF32).
 //
-// Compile-time parameters (-D): ELEM, ACC (and ACC_DOUBLE), KPT, KSPLIT, NC, VB, TC, GK_MODE (0 none,
+// Compile-time parameters (-D): ELEM, ACC (and ACC_DOUBLE), KPT, KSPLIT, NC, VB, TC, VW and VWC
+// (elements per staging load of rows and of value columns), GK_MODE (0 none,
 // 1 one per step, 2 per key), HAS_GV, HAS_SIN, WRITE_O, and for the delta rule
 // DELTA (compile the delta rule instead of the linear scan), BETA_MODE (1 per step,
 // 2 per value column) and HAS_G.
@@ -71,32 +72,87 @@ __device__ __forceinline__ ACC lane_sum(ACC x) {
     return x;
 }
 
+// Staging loads VW elements at once (16 bytes when the launcher found every row aligned,
+// else 1) and fully unrolls the loop, so that all of a thread's loads of a tile are in
+// flight together instead of one global-memory latency per element.
+template <int W>
+__device__ __forceinline__ void load_vec(ELEM (&out)[W], const ELEM* p) {
+    if (W * sizeof(ELEM) == 16) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(p);
+        const ELEM* e = reinterpret_cast<const ELEM*>(&raw);
+#pragma unroll
+        for (int j = 0; j < W; ++j) out[j] = e[j];
+    } else {
+#pragma unroll
+        for (int j = 0; j < W; ++j) out[j] = p[j];
+    }
+}
+
 // Stage rows [t0, t0 + tc) of a (T, Dk) operand into sh[TC][KROW] (zeros past Dk or tc).
 // With EXP the value stored is e^x (and 1 where nothing is loaded).
+// Loads per thread in flight at once while staging (bounds the registers they take).
+#define BATCH (sizeof(ELEM) == 2 ? 2 : 4)
+
 template <bool EXP>
 __device__ __forceinline__ void stage_rows(ACC (*sh)[KROW], const ELEM* base, i64 ts, i64 t0, int tc, int Dk) {
-    for (int idx = threadIdx.x; idx < TC * KSPLIT * KPT; idx += NT) {
-        int t = idx / (KSPLIT * KPT), r = idx - t * (KSPLIT * KPT);
-        ACC x = EXP ? (ACC)1 : (ACC)0;
-        if (t < tc && r < Dk) {
-            x = to_acc(base[(t0 + t) * ts + r]);
-            if (EXP) x = exp_acc(x);
+    constexpr int PER_ROW = KSPLIT * KPT / VW;
+    constexpr int ITERS = (TC * PER_ROW + NT - 1) / NT;
+    for (int first = 0; first < ITERS; first += BATCH) {
+        ELEM raw[BATCH][VW];
+        bool live[BATCH];
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+            const int idx = threadIdx.x + (first + b) * NT, t = idx / PER_ROW, r = (idx % PER_ROW) * VW;
+            live[b] = first + b < ITERS && idx < TC * PER_ROW && t < tc && r < Dk;
+            if (live[b]) load_vec<VW>(raw[b], base + (t0 + t) * ts + r);
         }
-        sh[t][(r / KPT) * KSEG + (r % KPT)] = x;
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+            const int idx = threadIdx.x + (first + b) * NT, t = idx / PER_ROW, r = (idx % PER_ROW) * VW;
+            if (first + b < ITERS && idx < TC * PER_ROW) {
+#pragma unroll
+                for (int j = 0; j < VW; ++j) {
+                    ACC x = EXP ? (ACC)1 : (ACC)0;
+                    if (live[b] && (VW == 1 || r + j < Dk)) {
+                        x = to_acc(raw[b][j]);
+                        if (EXP) x = exp_acc(x);
+                    }
+                    sh[t][((r + j) / KPT) * KSEG + ((r + j) % KPT)] = x;
+                }
+            }
+        }
     }
 }
 
 // Stage rows [t0, t0 + tc) of the block's value columns of a (T, Dv) operand into sh[TC][VB].
 template <bool EXP>
 __device__ __forceinline__ void stage_cols(ACC (*sh)[VB], const ELEM* base, i64 ts, i64 t0, int tc, int c0, int Dv) {
-    for (int idx = threadIdx.x; idx < TC * VB; idx += NT) {
-        int t = idx / VB, c = idx - t * VB;
-        ACC x = EXP ? (ACC)1 : (ACC)0;
-        if (t < tc && c0 + c < Dv) {
-            x = to_acc(base[(t0 + t) * ts + c0 + c]);
-            if (EXP) x = exp_acc(x);
+    constexpr int PER_ROW = VB / VWC;
+    constexpr int ITERS = (TC * PER_ROW + NT - 1) / NT;
+    for (int first = 0; first < ITERS; first += BATCH) {
+        ELEM raw[BATCH][VWC];
+        bool live[BATCH];
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+            const int idx = threadIdx.x + (first + b) * NT, t = idx / PER_ROW, c = (idx % PER_ROW) * VWC;
+            live[b] = first + b < ITERS && idx < TC * PER_ROW && t < tc && c0 + c < Dv;
+            if (live[b]) load_vec<VWC>(raw[b], base + (t0 + t) * ts + c0 + c);
         }
-        sh[t][c] = x;
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+            const int idx = threadIdx.x + (first + b) * NT, t = idx / PER_ROW, c = (idx % PER_ROW) * VWC;
+            if (first + b < ITERS && idx < TC * PER_ROW) {
+#pragma unroll
+                for (int j = 0; j < VWC; ++j) {
+                    ACC x = EXP ? (ACC)1 : (ACC)0;
+                    if (live[b] && (VWC == 1 || c0 + c + j < Dv)) {
+                        x = to_acc(raw[b][j]);
+                        if (EXP) x = exp_acc(x);
+                    }
+                    sh[t][c + j] = x;
+                }
+            }
+        }
     }
 }
 
