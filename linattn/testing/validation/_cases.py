@@ -51,6 +51,8 @@ class Case:
         Method options of the case (``causal``, ``window``, ``normalize``).
     methods : frozenset of str, optional
         The only methods it applies to.
+    needs_state : bool, default True
+        False: the states are part of the case only for methods that have one.
     """
 
     name: str
@@ -68,6 +70,7 @@ class Case:
     grads: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     methods: frozenset[str] | None = None
+    needs_state: bool = True
 
 
 def _shape(batch: int = 2, length: int = 40, heads: int = 2, kv_heads: int = 2, key_dim: int = 16,
@@ -99,8 +102,9 @@ CASES: tuple[Case, ...] = (
          "inputs after t = 40 redrawn (gates too): outputs up to t = 40 must not change",
          _shape(length=100), split=40),
     Case("varlen", "values", "varlen",
-         f"cu_seqlens of lengths {_VARLEN} (empty and length-1 sequences), initial and final states",
-         _shape(batch=1, length=sum(_VARLEN), segments=_VARLEN), initial_state=True, final_state=True, grads=True),
+         f"cu_seqlens of lengths {_VARLEN} (empty and length-1 sequences), initial and final states (if any)",
+         _shape(batch=1, length=sum(_VARLEN), segments=_VARLEN), initial_state=True, final_state=True, grads=True,
+         needs_state=False),
     Case("extreme", "values", "values", "gates at 0, -1e-3, -30 and -1e3 (logits up to ~60 for softmax)",
          _shape(length=80), extreme=True),
     Case("long", "values", "values", "T = 1000 (a tail chunk of 40)",
@@ -121,7 +125,7 @@ def applies(case: Case, spec: MethodSpec) -> bool:
     s = case.shape
     if case.methods is not None and spec.name not in case.methods:
         return False
-    if (case.initial_state or case.final_state) and spec.state is None:
+    if (case.initial_state or case.final_state) and spec.state is None and case.needs_state:
         return False
     if s.heads != s.kv_heads and not spec.gqa:
         return False
@@ -134,7 +138,7 @@ def select_cases(spec: MethodSpec, names: Iterable[str] | None) -> list[Case]:
     """The cases named (all that apply to the method when None), in the order of :data:`CASES`."""
     known = {c.name: c for c in CASES}
     if names is None:
-        return [c for c in CASES if applies(c, spec)]
+        return [_for(c, spec) for c in CASES if applies(c, spec)]
     if isinstance(names, str):
         names = [names]
     names = list(names)
@@ -145,7 +149,12 @@ def select_cases(spec: MethodSpec, names: Iterable[str] | None) -> list[Case]:
     not_applicable = [c.name for c in chosen if not applies(c, spec)]
     if not_applicable:
         raise ValueError(f"cases {not_applicable} do not apply to method {spec.name!r}")
-    return chosen
+    return [_for(c, spec) for c in chosen]
+
+
+def _for(case: Case, spec: MethodSpec) -> Case:
+    """The case without its states for a method that has none."""
+    return case if spec.state is not None else replace(case, initial_state=False, final_state=False)
 
 
 @dataclass
