@@ -94,7 +94,7 @@ CASES: tuple[Case, ...] = (
          "scale left out vs scale = Dk^-0.5 given: the same output", _shape()),
     Case("initial_state", "values", "initial state",
          "a nonzero initial state, and the final state (Dk = Dv: a transposed state still fits)",
-         _shape(length=50), initial_state=True, final_state=True, grads=True),
+         _shape(length=80), initial_state=True, final_state=True, grads=True),
     Case("state_passing", "state passing", "state passing",
          "run(x[:37]), then run(x[37:], initial_state=its final state), against run(x)",
          _shape(length=100), final_state=True, split=37),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -135,6 +136,8 @@ class ValidationReport:
             text += f" ({not_differentiable} gradient checks not run: not differentiable)"
         if self.failed_properties:
             text += "; failed: " + ", ".join(sorted(self.failed_properties))
+            if self.failed_properties & {"values", "tail chunk"} and len(self.failed_properties) > 1:
+                text += " (plain cases fail too: fix those first, the other properties may fail through them)"
         return text
 
     def table(self) -> str:
@@ -152,7 +155,8 @@ class ValidationReport:
     def __str__(self) -> str:
         head = (f"linattn validate: {self.implementation} as {self.method!r} (adapter {self.adapter!r}, "
                 f"{self.framework}, dtypes {', '.join(self.dtypes)}, seed {self.seed})")
-        return "\n".join([head, self.table(), self.summary(), self.tolerance_rule])
+        rule = textwrap.fill(self.tolerance_rule, width=110, subsequent_indent="  ")
+        return "\n".join([head, self.table(), self.summary(), rule])
 
     def to_dict(self) -> dict:
         """Everything, JSON-ready (``passed`` and ``failed_properties`` included)."""
