@@ -106,8 +106,8 @@ def validate(
     ε of the dtype (float16 and bfloat16: the float32 value of the formula plus 8ε of
     the half dtype, as kernels sum in float32), n the products summed into each output
     (T·Dk for a scan, doubled for gradients) and κ the condition: 1 + the largest sum of
-    |log-decay| over 64 steps + the number of chunks for the gated methods (a chunked
-    kernel rounds those sums in its exponents), 1 + max|logit| for softmax, times
+    absolute log-decays over 64 steps + the number of chunks for the gated methods (a chunked
+    kernel rounds those sums in its exponents), 1 + the largest absolute logit for softmax, times
     sqrt(1 + 2·min(T, 64)) for the delta rule (the corrections a chunk sums at once).
 
     Gradients (``grads=True``) are those of Σ do·o (+ Σ dS·S_final where the final state
