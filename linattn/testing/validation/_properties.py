@@ -99,7 +99,7 @@ def _row(problem: Problem, dtype: str, check: str, comparisons: list[_Comparison
     r = worst.report
     return CaseResult(problem.case.name, check, problem.spec.shape_text(problem.shape), dtype,
                       PASS if passed else FAIL, r.max_abs_error, r.rel_rms_error, worst.worst(), worst.tol,
-                      None if passed else failed_property, note)
+                      None if passed else failed_property, note, float(worst.ratio))
 
 
 def _other(problem: Problem, dtype: str, check: str, status: str, note: str) -> CaseResult:

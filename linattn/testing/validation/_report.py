@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 __all__ = ["TOLERANCE_RULE", "CaseResult", "ValidationReport"]
 
 TOLERANCE_RULE = (
-    "tolerance: |actual - reference| <= tol*(max|reference| + |reference|) per element, "
+    "tolerance: |actual - reference| <= tol*(max|reference| + |reference|) per element (err/allow: the worst "
+    "element's error over that allowance), "
     "tol = 8*eps*sqrt(n)*kappa (linattn.testing.tolerance) with eps of the dtype, n the products summed "
     "into each output (T*Dk for a scan; doubled for gradients) and kappa the condition (1 + the largest "
     "sum of |log-decay| over 64 steps + chunks; 1 + max|logit| for softmax); float16/bfloat16 add "
@@ -50,6 +51,8 @@ class CaseResult:
         What a failure means: "values", "tail chunk", "causality", "state passing",
         "initial state", "final state", "varlen", "default scale", "gradients".
     note : str
+    ratio : float or None
+        The worst element's error over its allowance tol·(max|r| + |r|): at most 1 passes.
     """
 
     case: str
@@ -63,6 +66,7 @@ class CaseResult:
     tolerance: float | None = None
     failed_property: str | None = None
     note: str = ""
+    ratio: float | None = None
 
     @property
     def failed(self) -> bool:
@@ -79,7 +83,7 @@ def _number(x: float | None) -> str:
 
 
 _COLUMNS = (("case", 13), ("check", 13), ("shape", 30), ("dtype", 8), ("max abs", 8), ("rel RMS", 8),
-            ("tol", 8), ("worst at", 20), ("result", 6))
+            ("tol", 8), ("err/allow", 9), ("worst at", 20), ("result", 6))
 
 
 @dataclass(frozen=True)
@@ -145,8 +149,9 @@ class ValidationReport:
         header = " ".join(f"{name:<{width}}" for name, width in _COLUMNS) + " property / note"
         lines = [header, "-" * len(header)]
         for r in self.rows:
+            ratio = "-" if r.ratio is None else ("inf" if not math.isfinite(r.ratio) else f"{r.ratio:.2g}")
             cells = (r.case, r.check, r.shape, r.dtype, _number(r.max_abs_error), _number(r.rel_rms_error),
-                     _number(r.tolerance), r.worst, r.status)
+                     _number(r.tolerance), ratio, r.worst, r.status)
             line = " ".join(f"{c!s:<{w}}" for c, (_, w) in zip(cells, _COLUMNS, strict=True))
             detail = ": ".join(x for x in (r.failed_property if r.failed else None, r.note) if x)
             lines.append((line + " " + detail).rstrip())
