@@ -97,12 +97,6 @@ class Framework:
         """Any array of this library as a float64 NumPy array (bfloat16 widened first)."""
         return np.asarray(to_numpy(x), dtype=np.float64)
 
-    def namespace(self, x: Any) -> Any:
-        """The array-API namespace of ``x`` (for adapters)."""
-        import array_api_compat
-
-        return array_api_compat.array_namespace(x)
-
     def gradients(self, call: Callable[[dict[str, Any]], tuple[Any, Any]], leaves: dict[str, Any],
                   cotangents: Sequence[np.ndarray | None]) -> dict[str, np.ndarray | None]:
         """Gradients of Σ ⟨cotangent, output⟩ w.r.t. ``leaves`` by the library's autodiff."""

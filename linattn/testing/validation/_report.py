@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["TOLERANCE_RULE", "CaseResult", "ValidationReport"]
@@ -174,8 +173,3 @@ class ValidationReport:
         """:meth:`to_dict` as JSON text."""
         return json.dumps(self.to_dict(), indent=2, allow_nan=True)
 
-
-def merge_rows(rows: Sequence[CaseResult]) -> CaseResult:
-    """The row of several comparisons of one check: the worst one (an error, a failure, the largest ratio)."""
-    rank = {ERROR: 3, FAIL: 2, PASS: 1, SKIP: 0}
-    return max(rows, key=lambda r: (rank[r.status], (r.max_abs_error or 0.0) / (r.tolerance or 1.0)))

@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from linattn.testing.validation._adapters import Adapter, Call, UnsupportedError, accepted_options
+from linattn.testing.validation._adapters import Adapter, Call, accepted_options
 from linattn.testing.validation._cases import Problem
 from linattn.testing.validation._frameworks import Framework, state_dtype
 from linattn.testing.validation._methods import MethodSpec
 
-__all__ = ["Runner", "gradient_names", "named_gradients", "reference", "reference_gradients"]
+__all__ = ["Runner", "check_backward_protocol", "gradient_names", "named_gradients", "reference",
+           "reference_gradients"]
 
 
 def _split(result: Any, final_state: bool) -> tuple[Any, Any]:
@@ -148,5 +149,3 @@ def check_backward_protocol(adapter: Adapter, backward: Any) -> None:
     if backward is not None and adapter.name != "linattn":
         raise ValueError(f"backward= works with adapter=None (linattn's convention), got adapter {adapter.name!r}")
 
-
-__all__ += ["UnsupportedError", "check_backward_protocol"]
