@@ -39,6 +39,8 @@ nitpicky = False
 exclude_patterns = ["_build"]
 
 html_theme = "pydata_sphinx_theme"
+# _static/ is copied whole: explore.html (the explorer page, linked from explore.rst) opens from there.
+html_static_path = ["_static"]
 html_title = f"linattn {release}"
 
 

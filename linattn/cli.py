@@ -1,4 +1,4 @@
-"""The ``linattn`` command line."""
+"""The ``linattn`` command line: ``compare``, ``validate`` and ``explore``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
+from linattn import _cli_commands
 from linattn.compare import compared_methods, format_table, rows_to_json, run_compare
 
 
@@ -87,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", metavar="PATH", help="also write the rows and settings as JSON")
     compare.add_argument("--list", action="store_true", help="list the methods and exit")
     compare.add_argument("--no-progress", action="store_true", help="never draw the progress bar")
+    compare.add_argument("--plot", metavar="PATH", help="also draw error, time and memory against T (PNG; matplotlib)")
+    _cli_commands.add_validate(sub)
+    _cli_commands.add_explore(sub, _cli_commands.add_measurement_options)
     return parser
 
 
@@ -100,11 +104,14 @@ def _compare(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             print(f"linattn compare: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder):
-            print(f"linattn compare: --json folder {folder!r} does not exist", file=sys.stderr)
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder is not None and not os.path.isdir(folder):
+            print(f"linattn compare: {option} folder {folder!r} does not exist", file=sys.stderr)
             return 2
+    if args.plot and _cli_commands.check_matplotlib():
+        print(f"linattn compare: {_cli_commands.check_matplotlib()}", file=sys.stderr)
+        return 2
     registry = compared_methods()
     methods = args.methods or [  # by default every method that has the form asked for
         name for name, m in registry.items() if (m.supports_noncausal if args.non_causal else m.supports_causal)
@@ -133,6 +140,9 @@ def _compare(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(rows_to_json(rows, settings))
+    if args.plot:
+        _cli_commands.plot_compare(rows, args.plot, settings)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -143,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "validate":
+            return _cli_commands.run_validate(args)
+        if args.command == "explore":
+            return _cli_commands.run_explore(args, _lengths, Progress)
     except argparse.ArgumentTypeError as err:
         parser.error(str(err))
     return 2  # pragma: no cover - argparse rejects unknown commands first

@@ -1,4 +1,4 @@
-"""Tests of the ``linattn`` command line: ``linattn compare`` and its progress bar."""
+"""Tests of the ``linattn`` command line: ``compare`` (with --plot), ``validate``, and the progress bar."""
 
 from __future__ import annotations
 
@@ -225,3 +225,106 @@ def test_return_lse_must_be_a_bool() -> None:
     q = np.ones((1, 2, 1, 2))
     with pytest.raises(TypeError, match="return_lse"):
         linattn.softmax_attention(q, q, q, return_lse=1)
+
+
+# ---- linattn validate ----
+
+VALIDATE = ["validate", "validate_kernels:gla_loop", "--method", "gla"]
+
+
+def test_validate_a_correct_kernel_exits_0_and_prints_the_report(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*VALIDATE, "--cases", "basic", "tail"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("linattn validate: validate_kernels.gla_loop as 'gla'")
+    assert "PASSED: 2 passed, 0 failed, 0 errors, 2 skipped" in out
+    assert "not differentiable" in out
+    assert "tol = 8*eps*sqrt(n)*kappa" in out
+
+
+def test_validate_a_buggy_kernel_exits_1_naming_the_property(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "validate_kernels:softmax_np", "--method", "softmax", "--no-grads",
+                 "--cases", "basic", "causality"]) == 0
+    capsys.readouterr()
+    # the same kernel with its off-by-one mask: a partial is not importable, so a module attribute path
+    assert main(["validate", "test_cli:off_by_one_softmax", "--method", "softmax", "--no-grads",
+                 "--cases", "causality"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL   causality: outputs up to t = 40 moved" in out
+    assert "failed: causality" in out
+
+
+def off_by_one_softmax(q, k, v, *, causal=False, scale=None):
+    import validate_kernels
+
+    return validate_kernels.softmax_np(q, k, v, causal=causal, scale=scale, bug="off_by_one")
+
+
+def test_validate_json_prints_the_report_as_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main([*VALIDATE, "--cases", "t1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["passed"] is True
+    assert [(r["case"], r["check"], r["status"]) for r in data["rows"]] == [("t1", "output", "pass"),
+                                                                              ("t1", "gradients", "skip")]
+    path = tmp_path / "report.json"
+    assert main([*VALIDATE, "--cases", "t1", "--dtype", "fp16", "float64", "--json", str(path)]) == 0
+    assert json.loads(path.read_text(encoding="utf-8"))["dtypes"] == ["float16", "float64"]
+
+
+def test_validate_with_a_backward(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "linattn:gla", "--method", "gla", "--backward", "linattn:gla_vjp", "--cases",
+                 "basic"]) == 0
+    assert "basic         gradients" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["validate", "nope_module:f", "--method", "gla"], "cannot import 'nope_module'"),
+    (["validate", "validate_kernels:nope", "--method", "gla"], "has no attribute 'nope'"),
+    (["validate", "validate_kernels", "--method", "gla"], "MODULE:FUNCTION must look like"),
+    ([*VALIDATE, "--cases", "nope"], "cases must be among"),
+    ([*VALIDATE, "--dtype", "int8"], "dtypes must be among"),
+    ([*VALIDATE, "--json", "/nonexistent/folder/r.json"], "--json folder"),
+    ([*VALIDATE, "--backward", "validate_kernels:nope"], "has no attribute 'nope'"),
+])
+def test_validate_usage_errors_exit_2_with_the_reason(args, message, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["validate", "x:y"], ["validate", "x:y", "--method", "nope"],
+                                  [*VALIDATE, "--adapter", "nope"]])
+def test_validate_argparse_errors_exit_2(args) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+
+
+def test_validate_runs_as_a_console_command(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "linattn.cli", "validate", "validate_kernels:gla_loop", "--method", "gla", "--cases",
+         "basic"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=Path(__file__).parent,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "PASSED" in result.stdout
+
+
+# ---- linattn compare --plot ----
+
+
+def test_compare_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "compare.png"
+    assert main(["compare", "--lengths", "8,16", "--methods", "softmax", "flash", *SMALL, "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {path}" in capsys.readouterr().out
+
+
+def test_compare_plot_into_a_missing_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--lengths", "8", *SMALL, "--plot", str(tmp_path / "no" / "x.png")]) == 2
+    assert "--plot folder" in capsys.readouterr().err
+
+
+def test_compare_plot_without_matplotlib_exits_2_before_measuring(monkeypatch, capsys, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert main(["compare", "--lengths", "8", *SMALL, "--plot", str(tmp_path / "x.png")]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
