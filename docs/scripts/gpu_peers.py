@@ -141,7 +141,7 @@ def rel_error(o: torch.Tensor, ref: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="gpu_peers.json")
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32", "fp16"])
     parser.add_argument("--ops", nargs="+", default=["linear", "simple_gla", "gla", "delta", "gated_delta"])
     parser.add_argument("--shapes", choices=["fla", "quick"], default="fla")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds; later measurements are skipped")
