@@ -124,7 +124,8 @@ def _compare(args: argparse.Namespace) -> int:
     }
     try:
         rows = run_compare(lengths, dim=args.dim, heads=args.heads, batch=args.batch, dtype=args.dtype,
-                           causal=not args.non_causal, methods=methods, repeats=args.repeats, progress=progress)
+                           causal=not args.non_causal, methods=methods, repeats=args.repeats, progress=progress,
+                           backend=args.backend)
     except ValueError as err:
         progress.close()
         print(f"linattn compare: {err}", file=sys.stderr)
@@ -134,7 +135,8 @@ def _compare(args: argparse.Namespace) -> int:
         f"B={args.batch} H={args.heads} D={args.dim} {args.dtype} {'causal' if not args.non_causal else 'non-causal'}"
         "; error relative to float64 exact softmax (or, for methods that do not approximate it, to their "
         "own float64 definition); time = best of "
-        f"{args.repeats}; peak = tracemalloc peak of one call"
+        f"{args.repeats}; peak = "
+        + ("tracemalloc peak of one call" if args.backend == "numpy" else "CuPy memory-pool peak of one call")
     )
     print(format_table(rows))
     if args.json:

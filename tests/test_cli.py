@@ -328,3 +328,16 @@ def test_compare_plot_without_matplotlib_exits_2_before_measuring(monkeypatch, c
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     assert main(["compare", "--lengths", "8", *SMALL, "--plot", str(tmp_path / "x.png")]) == 2
     assert "needs matplotlib" in capsys.readouterr().err
+
+
+def test_compare_on_cupy_without_a_gpu_is_a_usage_error(capsys):
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        pytest.skip("a CUDA device is present: tests/gpu runs compare --backend cupy")
+    except Exception:  # no CuPy, or CuPy without a device: the case under test
+        pass
+    code = main(["compare", "--backend", "cupy", "--lengths", "16", "--methods", "linear", "--no-progress"])
+    assert code == 2
+    assert "backend='cupy' needs CuPy and a CUDA device" in capsys.readouterr().err
