@@ -24,7 +24,7 @@ def _cupy():
 
 class TimeCudaScans:
     params = (["linear", "simple_gla", "delta"], [1024, 4096])
-    param_names = ["scan", "T"]
+    param_names = ("scan", "T")
 
     def setup(self, scan, T):
         cp = _cupy()
