@@ -73,7 +73,7 @@ def _sm_count(device_id: int) -> int:
 
 @dataclass(frozen=True)
 class _Operand:
-    """An array's pointer and element strides: three leading axes, time, and the last axis."""
+    """An array and its element strides: three leading axes and time (the last axis is contiguous)."""
 
     array: Any
     lead: tuple[int, int, int]
@@ -88,15 +88,19 @@ def _broadcast_lead(arrays: list[Any]) -> tuple[int, ...] | None:
         return None
 
 
+def _lead_strides(x: Any) -> tuple[int, int, int]:
+    """Element strides of x's leading axes padded to three, 0 where an axis broadcasts (extent 1)."""
+    pad = 3 - (x.ndim - 2)
+    shape = (1,) * pad + tuple(x.shape[:-2])
+    strides = (0,) * pad + tuple(s // x.itemsize for s in x.strides[:-2])
+    return tuple(0 if n == 1 else s for n, s in zip(shape, strides, strict=True))
+
+
 def _operand(cp: Any, x: Any) -> _Operand:
-    """Return x with its leading axes padded to three, zero strides where it broadcasts."""
+    """Return x (with a contiguous last axis) and its strides for the kernels."""
     if x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
         x = cp.ascontiguousarray(x)
-    item = x.itemsize
-    own = (1,) * (3 - (x.ndim - 2)) + tuple(x.shape[:-2])
-    own_strides = (0,) * (3 - (x.ndim - 2)) + tuple(s // item for s in x.strides[:-2])
-    strides = tuple(0 if n == 1 else s for n, s in zip(own, own_strides, strict=True))
-    return _Operand(x, strides, x.strides[-2] // item)
+    return _Operand(x, _lead_strides(x), x.strides[-2] // x.itemsize)
 
 
 @dataclass(frozen=True)
@@ -159,11 +163,7 @@ def _geometry(T, Dk, Dv, lead, seg_len, q, k, v, o, s_in) -> list[Any]:
 
 def _state_in(x: Any) -> tuple[Any, tuple]:
     """The initial state (in the accumulation dtype) and its six strides: lead ×3, segment, row, col."""
-    item = x.itemsize
-    own = (1,) * (3 - (x.ndim - 2)) + tuple(x.shape[:-2])
-    strides = (0,) * (3 - (x.ndim - 2)) + tuple(s // item for s in x.strides[:-2])
-    lead_strides = tuple(0 if n == 1 else s for n, s in zip(own, strides, strict=True))
-    return x, (*lead_strides, 0, x.strides[-2] // item, x.strides[-1] // item)
+    return x, (*_lead_strides(x), 0, x.strides[-2] // x.itemsize, x.strides[-1] // x.itemsize)
 
 
 def _final_state(s_out: Any, lead3: tuple[int, ...], state_lead: tuple[int, ...], Dk: int, Dv: int) -> Any:
