@@ -56,14 +56,15 @@ def _cupy() -> Any:
 
 
 @functools.cache
-def _source() -> str:
-    return resources.files("linattn.backends").joinpath("cuda", "scan.cu").read_text()
+def _source(name: str) -> str:
+    return resources.files("linattn.backends").joinpath("cuda", name).read_text()
 
 
 @functools.cache
-def _module(defines: tuple[tuple[str, Any], ...]) -> Any:
+def _module(source: str, defines: tuple[tuple[str, Any], ...]) -> Any:
+    """The compiled ``cuda/<source>`` with these ``-D`` defines."""
     options = ("-std=c++17", *(f"-D{name}={value}" for name, value in defines))
-    return _cupy().RawModule(code=_source(), options=options)
+    return _cupy().RawModule(code=_source(source), options=options)
 
 
 @functools.cache
@@ -187,7 +188,7 @@ def _segment_decay(cp: Any, g: Any | None, lead: tuple[int, ...], P: int, L: int
 
 
 def _launch(name: str, defines: dict[str, Any], grid: tuple[int, int, int], block: int, args: list[Any]) -> None:
-    _module(tuple(sorted(defines.items()))).get_function(name)(grid, (block,), tuple(args))
+    _module("scan.cu", tuple(sorted(defines.items()))).get_function(name)(grid, (block,), tuple(args))
 
 
 class _Arrays:
@@ -330,6 +331,12 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any) -> tuple[
         return None
     q, k, v, gk, gv, state0 = data.arrays
     gk_mode = 0 if gk is None else (1 if gk.shape[-1] == 1 else 2)
+    if gk_mode < 2 and gv is None:
+        from linattn.backends._cuda_chunk import chunked_linear_scan
+
+        result = chunked_linear_scan(data, q, k, v, gk, state0)
+        if result is not None:
+            return result
     lay = _layout(data, [k, v, gk, gv, state0], (3 if gk_mode == 2 else 2, 3 if gv is not None else 2),
                   heavy=gk_mode == 2 and gv is not None)
     if lay is None:
@@ -364,22 +371,27 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any) -> tuple[
     else:
         local = run(False, None, (0,) * 6, P)  # each segment's own state, from zero
         gates = [None if x is None else data.values(x) for x in (gk, gv)]
-        entering, last = _prefix(cp, local, state0, *gates, lay, P, L, acc)
+        entering, last = _prefix(cp, local, state0, *gates, lay.lead, Dk, Dv, P, L, acc)
         per_lead = Dk * Dv * P
         run(True, entering, (per_lead * lead3[1] * lead3[2], per_lead * lead3[2], per_lead, Dk * Dv, Dv, 1), P)
         s_out = last[:, None]
     return data.back(o, data=True), data.back(_final_state(s_out, lead3, lay.state_lead, Dk, Dv), data=False)
 
 
-def _prefix(cp: Any, local: Any, state0: Any, gk: Any, gv: Any, lay: _Layout, P: int, L: int,
-            acc: Any) -> tuple[Any, Any]:
-    """The state entering each segment, S_in[p+1] = decay_p ⊙ S_in[p] + local_p, and the last state."""
-    dk = _segment_decay(cp, gk, lay.lead, P, L, acc)
-    dv = _segment_decay(cp, gv, lay.lead, P, L, acc)
-    shape = (lay.n_lead, lay.Dk, lay.Dv)
+def _prefix(cp: Any, local: Any, state0: Any, gk: Any, gv: Any, lead: tuple[int, ...], Dk: int, Dv: int, P: int,
+            L: int, acc: Any) -> tuple[Any, Any]:
+    """The state entering each segment, S_in[p+1] = decay_p ⊙ S_in[p] + local_p, and the last state.
+
+    ``local`` (n_lead, P, Dk, Dv) holds each segment's own final state (from zero);
+    segments are L steps long; gk, gv are the log-gates in the accumulation dtype.
+    """
+    n_lead = math.prod(lead)
+    dk = _segment_decay(cp, gk, lead, P, L, acc)
+    dv = _segment_decay(cp, gv, lead, P, L, acc)
+    shape = (n_lead, Dk, Dv)
     state = cp.zeros(shape, dtype=acc) if state0 is None else cp.ascontiguousarray(
-        cp.broadcast_to(state0, (*lay.lead, lay.Dk, lay.Dv))).reshape(shape)
-    entering = cp.empty((lay.n_lead, P, lay.Dk, lay.Dv), dtype=acc)
+        cp.broadcast_to(state0, (*lead, Dk, Dv))).reshape(shape)
+    entering = cp.empty((n_lead, P, Dk, Dv), dtype=acc)
     for p in range(P):
         entering[:, p] = state
         if dk is not None:

@@ -107,6 +107,69 @@ def test_linear_scan_kernel_matches_the_reference(cp: Any, problem: dict[str, An
 
 
 @st.composite
+def tensor_core_problems(draw: Any) -> dict[str, Any]:
+    """The calls the tensor-core kernel covers: 16-bit data, no gate or a gate per step, Dk, Dv multiples of 16."""
+    B, H, G = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    return {
+        "lead_q": (B, H, G), "lead_kv": (B, H, 1), "T": draw(st.integers(1, 300)),
+        "Dk": draw(st.sampled_from((32, 64, 128, 256))), "Dv": draw(st.sampled_from((32, 64, 128, 256))),
+        "gates": draw(st.sampled_from(["none", "step"])), "regime": draw(st.sampled_from(["mild", "extreme"])),
+        "initial": draw(st.booleans()), "dtype": "float16", "seed": draw(st.integers(0, 2**31)),
+    }
+
+
+@pytest.fixture
+def tensor_core_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records, for each call of the tensor-core launcher, whether it ran (True) or declined (False)."""
+    from linattn.backends import _cuda_chunk
+
+    calls: list[bool] = []
+    launcher = _cuda_chunk.chunked_linear_scan
+
+    def recording(*args: Any) -> Any:
+        result = launcher(*args)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(_cuda_chunk, "chunked_linear_scan", recording)
+    return calls
+
+
+@pytest.mark.usefixtures("nan_memory")
+@GPU_SETTINGS
+@given(tensor_core_problems())
+def test_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: list[bool],
+                                                  problem: dict[str, Any]) -> None:
+    host = _linear_inputs(problem)
+    o_ref, s_ref = causal_scan(**host, form="recurrent")
+    tensor_core_calls.clear()
+    o, s = causal_scan(**_to_device(cp, host, "float16"), backend="cupy")
+    assert tensor_core_calls == [True]  # this call ran on the tensor-core kernel
+    n = problem["T"] * problem["Dk"]
+    _check(o, o_ref, "float16", n, f"outputs of {problem}")
+    _check(s, s_ref, "float32", n, f"final state of {problem}")
+
+
+@pytest.mark.usefixtures("nan_memory")
+@pytest.mark.parametrize("gates", ["none", "step"])
+def test_tensor_core_time_segments_match_the_reference(cp: Any, tensor_core_calls: list[bool], gates: str) -> None:
+    p = {"lead_q": (1, 1, 1), "lead_kv": (1, 1, 1), "T": 3001, "Dk": 64, "Dv": 64, "gates": gates,
+         "regime": "mild", "initial": True, "dtype": "float16", "seed": 4}
+    host = _linear_inputs(p)
+    if host["gk"] is not None:
+        host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
+    from linattn.backends import _cuda_chunk
+
+    plan = _cuda_chunk._chunk_plan("float16", 64, 64, _cuda_chunk._shared_limit(cp.cuda.Device().id))
+    assert plan is not None and _cuda_chunk._segments(1, 3001, plan, cp.cuda.Device().id) > 1  # three passes
+    o_ref, s_ref = causal_scan(**host)
+    o, s = causal_scan(**_to_device(cp, host, "float16"), backend="cupy")
+    assert tensor_core_calls == [True]
+    _check(o, o_ref, "float16", 3001 * 64, "outputs")
+    _check(s, s_ref, "float32", 3001 * 64, "final state")
+
+
+@st.composite
 def delta_problems(draw: Any) -> dict[str, Any]:
     return {
         "lead": (draw(st.integers(1, 2)), draw(st.integers(1, 3))), "T": draw(st.integers(1, 200)),

@@ -1,0 +1,511 @@
+// The causal linear scan in chunks, on tensor cores (mma.sync m16n8k16, float32 accumulation).
+//
+//   S_t = e^{g_t} S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t          (g_t = 0 without a gate)
+//
+// For a chunk of C = 64 steps entering with state S, with G_i = g_1 + ... + g_i inside it:
+//
+//   o_i    = e^{G_i} q_i^T S + sum_{j <= i} e^{G_i - G_j} (q_i . k_j) v_j
+//   S_exit = e^{G_C} S + sum_j e^{G_C - G_j} k_j v_j^T
+//
+// Work split: one block per (leading index, tile of GROUPS x VB value columns, time segment)
+// walks its segment's chunks in order, with GROUPS groups of four warps that share the q
+// and k tiles. Warp w of a group computes output rows 16w .. 16w+15 of the group's VB
+// columns (its scores against the chunk's columns j <= i only, then scores x V and Q x S);
+// for the update the group's state (DKP x VB, float32) is split into WM x (4/WM) tiles,
+// one per warp, held in the accumulator registers for the whole segment. Tiles of q, k
+// and v are copied into shared memory with cp.async one chunk ahead of the one computed.
+//
+// Precision: q, k and v enter the products as stored (exactly). The intermediates that
+// enter a product in the storage type — the decayed scores, the state, the decayed keys —
+// are split into two parts x = hi + lo (with SPLIT, the default), so each product is
+// exact to about 2^-16 (bfloat16) or 2^-22 (float16) of its terms and the result is a
+// float32-accumulated scan of the stored inputs, not a reduced-precision one. For float16
+// the scores and the state are scaled by powers of two (exact) so that both parts stay in
+// float16's range.
+//
+// Compile-time parameters (-D): ELEM_HALF (float16, else bfloat16), DKP (keys padded to a
+// multiple of 16), VB (value columns per group of warps, a multiple of 16), GROUPS, WM (warps along the
+// state's rows in the update), GATED (a log-gate per step), HAS_SIN, WRITE_O (0: the
+// states only, for the first pass of the time-segmented scan), SPLIT.
+//
+// Strides are in elements; the last axis of every operand is contiguous, every row starts
+// on 16 bytes, and Dk, Dv are multiples of 8 (the launcher checks). A time stride may be
+// negative (a reversed view); a leading stride of 0 broadcasts.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+typedef long long i64;
+typedef unsigned int u32;
+
+#define CH 64                  // chunk length
+#define NWARPS (4 * GROUPS)   // GROUPS sets of four warps, each owning VB of the block's value columns
+#define NTHREADS (NWARPS * 32)
+#define QKS (DKP + 8)          // shared-memory row stride of q and k tiles (+16 bytes against bank conflicts)
+#define VBB (GROUPS * VB)      // the block's value columns
+#define VS (VBB + 8)           // ... of v, output and state tiles
+#define WN (4 / WM)
+#define MT (DKP / 16 / WM)     // state row tiles (16) per warp
+#define NT (VB / 8 / WN)       // state column tiles (8) per warp
+#define ONT (VB / 8)           // output column tiles per warp
+#define FULL 0xffffffffu
+
+#if ELEM_HALF
+typedef __half ELEM;
+typedef __half2 ELEM2;
+#define MMA_TYPES "f16.f16"
+#define SCALED 1
+__device__ __forceinline__ float to_f(ELEM x) { return __half2float(x); }
+__device__ __forceinline__ ELEM2 make2(float x, float y) { return __floats2half2_rn(x, y); }
+__device__ __forceinline__ float2 from2(ELEM2 x) { return __half22float2(x); }
+#else
+typedef __nv_bfloat16 ELEM;
+typedef __nv_bfloat162 ELEM2;
+#define MMA_TYPES "bf16.bf16"
+#define SCALED 0
+__device__ __forceinline__ float to_f(ELEM x) { return __bfloat162float(x); }
+__device__ __forceinline__ ELEM2 make2(float x, float y) { return __floats2bfloat162_rn(x, y); }
+__device__ __forceinline__ float2 from2(ELEM2 x) { return __bfloat1622float2(x); }
+#endif
+
+__device__ __forceinline__ u32 pack2(float x, float y) {  // x in the low half: the lower column
+    ELEM2 h = make2(x, y);
+    return *reinterpret_cast<u32*>(&h);
+}
+
+__device__ __forceinline__ float2 unpack2(u32 r) { return from2(*reinterpret_cast<ELEM2*>(&r)); }
+
+// (x, y) = hi + lo, each a pair in the storage type.
+__device__ __forceinline__ void split2(float x, float y, u32& hi, u32& lo) {
+    hi = pack2(x, y);
+    const float2 h = unpack2(hi);
+    lo = pack2(x - h.x, y - h.y);
+}
+
+__device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPES ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// Four 8x8 tiles of 16-bit values; lane l gives the address of row l%8 of tile l/8.
+__device__ __forceinline__ void ldsm(u32 (&r)[4], const ELEM* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_t(u32 (&r)[4], const ELEM* p) {  // the tiles transposed
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
+}
+
+// 16 bytes from global to shared memory, asynchronously; zeros when !valid.
+__device__ __forceinline__ void copy16(ELEM* dst, const ELEM* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL, x, off));
+    return x;
+}
+
+// A power of two that brings m into [2^13, 2^14) (1 for 0, inf or NaN), so that a value of
+// magnitude <= m and its rounding remainder both fit float16.
+__device__ __forceinline__ float pow2_scale(float m) {
+    if (!(m > 0.f) || isinf(m)) return 1.f;
+    int e;
+    frexpf(m, &e);
+    return ldexpf(1.f, max(-126, min(126, 14 - e)));
+}
+
+__device__ __forceinline__ float block_max(const float* per_warp) {
+    float m = per_warp[0];
+#pragma unroll
+    for (int w = 1; w < NWARPS; ++w) m = fmaxf(m, per_warp[w]);
+    return m;
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ v,
+                  const ELEM* __restrict__ g, const float* __restrict__ s_in, ELEM* __restrict__ o,
+                  float* __restrict__ s_out, i64 T, int Dk, int Dv, i64 n1, i64 n2, i64 seg_len, int col_blocks,
+                  i64 qs0, i64 qs1, i64 qs2, i64 qts, i64 ks0, i64 ks1, i64 ks2, i64 kts,
+                  i64 vs0, i64 vs1, i64 vs2, i64 vts, i64 os0, i64 os1, i64 os2, i64 ots,
+                  i64 gs0, i64 gs1, i64 gs2, i64 gts,
+                  i64 ss0, i64 ss1, i64 ss2, i64 sseg, i64 srow, i64 scol) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    ELEM* sq = reinterpret_cast<ELEM*>(smem);              // [2][CH][QKS]  (two chunks in flight)
+    ELEM* sk = sq + 2 * CH * QKS;                           // [2][CH][QKS]
+    ELEM* sv = sk + 2 * CH * QKS;                           // [2][CH][VS]
+    ELEM* shi = sv + 2 * CH * VS;                           // [DKP][VS]  the entering state, hi part
+    ELEM* slo = shi + DKP * VS;                             // [DKP][VS]  ... lo part
+    ELEM* so = slo + DKP * VS;                              // [CH][VS]   outputs, staged for 16-byte stores
+    float* sg = reinterpret_cast<float*>(so + CH * VS);     // [2][CH]    log-gates
+    double* sG = reinterpret_cast<double*>(sg + 2 * CH);   // [NWARPS][CH] in-chunk cumulative log-gates
+    [[maybe_unused]] float* sred = reinterpret_cast<float*>(sG + NWARPS * CH);  // [NWARPS] per-warp max |S|
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int c0 = (blockIdx.x % col_blocks) * VBB;
+    const int gw = warp & 3, cg = (warp >> 2) * VB;  // the warp's place in its group; the group's columns
+    const i64 lead = blockIdx.x / col_blocks;
+    const i64 la = lead / (n1 * n2), lb = (lead / n2) % n1, lc = lead % n2;
+    const i64 t_begin = (i64)blockIdx.y * seg_len;
+    const i64 t_end = min(T, t_begin + seg_len);
+    const int n_chunks = (int)((t_end - t_begin + CH - 1) / CH);
+    [[maybe_unused]] const ELEM* qb = q + la * qs0 + lb * qs1 + lc * qs2;
+    const ELEM* kb = k + la * ks0 + lb * ks1 + lc * ks2;
+    const ELEM* vb = v + la * vs0 + lb * vs1 + lc * vs2 + c0;
+    [[maybe_unused]] const ELEM* gb = g + la * gs0 + lb * gs1 + lc * gs2;
+    [[maybe_unused]] ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + c0;
+
+    // This warp's tile of the state: rows d_base + [0, 16 MT), columns c_base + [0, 8 NT).
+    const int d_base = (gw % WM) * MT * 16, c_base = cg + (gw / WM) * NT * 8;
+    float S[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int d = d_base + mt * 16 + gid + (e >> 1) * 8, c = c0 + c_base + nt * 8 + 2 * tig + (e & 1);
+                float x = 0.f;
+#if HAS_SIN
+                if (d < Dk && c < Dv) x = s_in[la * ss0 + lb * ss1 + lc * ss2 + blockIdx.y * sseg + d * srow + c * scol];
+#endif
+                S[mt][nt][e] = x;
+            }
+
+    auto load_chunk = [&](int n, int buf) {
+        const i64 t0 = t_begin + (i64)n * CH;
+        constexpr int ROW_PIECES = DKP / 8, COL_PIECES = VBB / 8;
+#pragma unroll
+        for (int it = 0; it < (CH * ROW_PIECES + NTHREADS - 1) / NTHREADS; ++it) {
+            const int p = threadIdx.x + it * NTHREADS, r = p / ROW_PIECES, c = (p % ROW_PIECES) * 8;
+            if (CH * ROW_PIECES % NTHREADS != 0 && p >= CH * ROW_PIECES) break;
+            const bool ok = t0 + r < t_end && c < Dk;
+#if WRITE_O
+            copy16(sq + (buf * CH + r) * QKS + c, qb + (ok ? (t0 + r) * qts + c : 0), ok);
+#endif
+            copy16(sk + (buf * CH + r) * QKS + c, kb + (ok ? (t0 + r) * kts + c : 0), ok);
+        }
+#pragma unroll
+        for (int it = 0; it < (CH * COL_PIECES + NTHREADS - 1) / NTHREADS; ++it) {
+            const int p = threadIdx.x + it * NTHREADS, r = p / COL_PIECES, c = (p % COL_PIECES) * 8;
+            if (CH * COL_PIECES % NTHREADS != 0 && p >= CH * COL_PIECES) break;
+            const bool ok = t0 + r < t_end && c0 + c < Dv;
+            copy16(sv + (buf * CH + r) * VS + c, vb + (ok ? (t0 + r) * vts + c : 0), ok);
+        }
+        copy_commit();
+    };
+    [[maybe_unused]] auto load_gate = [&](int n) -> float {
+        const i64 t = t_begin + (i64)n * CH + threadIdx.x;
+        return threadIdx.x < CH && t < t_end ? to_f(gb[t * gts]) : 0.f;
+    };
+    [[maybe_unused]] auto state_max = [&]() -> float {
+        float m = 0.f;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(S[mt][nt][e]));
+        return warp_max(m);
+    };
+    // The state times `scale` into shared memory, as the B operand of the next chunk's Q x S.
+    [[maybe_unused]] auto share_state = [&](float scale) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int d = d_base + mt * 16 + gid + h * 8, c = c_base + nt * 8 + 2 * tig;
+                    const float x = S[mt][nt][2 * h] * scale, y = S[mt][nt][2 * h + 1] * scale;
+#if SPLIT
+                    u32 hi, lo;
+                    split2(x, y, hi, lo);
+                    *reinterpret_cast<u32*>(slo + d * VS + c) = lo;
+#else
+                    const u32 hi = pack2(x, y);
+#endif
+                    *reinterpret_cast<u32*>(shi + d * VS + c) = hi;
+                }
+    };
+
+    [[maybe_unused]] float state_scale = 1.f;  // the shared state holds S * state_scale
+    load_chunk(0, 0);
+#if GATED
+    float g_next = load_gate(0);
+    if (threadIdx.x < CH) sg[threadIdx.x] = g_next;
+#endif
+#if WRITE_O
+#if SCALED
+    {
+        const float m = state_max();  // a warp-wide reduction: every lane takes part
+        if (lane == 0) sred[warp] = m;
+    }
+    __syncthreads();
+    state_scale = pow2_scale(block_max(sred));
+#endif
+    share_state(state_scale);
+#endif
+
+    for (int n = 0; n < n_chunks; ++n) {
+        const int buf = n & 1;
+        copy_wait();
+        __syncthreads();  // chunk n is in shared memory, and so is the state entering it
+        if (n + 1 < n_chunks) load_chunk(n + 1, buf ^ 1);
+        [[maybe_unused]] const ELEM* qt = sq + buf * CH * QKS;
+        const ELEM* kt = sk + buf * CH * QKS;
+        const ELEM* vt = sv + buf * CH * VS;
+#if GATED
+        if (n + 1 < n_chunks) g_next = load_gate(n + 1);
+        // G in float64: the decays are e^{G_i - G_j}, and a difference of two long float32
+        // sums would lose the digits of a mild gate behind a strong one (G ~ -1e4).
+        double* G = sG + warp * CH;  // each warp its own copy: no block barrier needed
+        {
+            const double x0 = sg[buf * CH + 2 * lane], x1 = sg[buf * CH + 2 * lane + 1];
+            double s = x0 + x1;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const double y = __shfl_up_sync(FULL, s, off);
+                if (lane >= off) s += y;
+            }
+            double before = __shfl_up_sync(FULL, s, 1);
+            if (lane == 0) before = 0.0;
+            G[2 * lane] = before + x0;
+            G[2 * lane + 1] = s;
+            __syncwarp();
+        }
+#endif
+
+#if WRITE_O
+        // Scores of this warp's rows against the chunk's columns j <= i (column pairs np <= warp).
+        const int row0 = gw * 16;
+        float sc[8][4];
+#pragma unroll
+        for (int t = 0; t < 8; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sc[t][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DKP / 16; ++kk) {
+            u32 a[4];
+            ldsm(a, qt + (row0 + (lane & 15)) * QKS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                if (np <= gw) {
+                    u32 b[4];
+                    ldsm(b, kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * QKS + kk * 16 + ((lane >> 3) & 1) * 8);
+                    mma(sc[2 * np], a, b[0], b[1]);
+                    mma(sc[2 * np + 1], a, b[2], b[3]);
+                }
+            }
+        }
+        // Causal mask (on the diagonal column pair t/2 = gw) and decay e^{G_i - G_j} (for t/2 <= gw;
+        // the tiles past the diagonal were never computed and hold zeros).
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            if (t / 2 > gw || (!GATED && t / 2 < gw)) continue;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = row0 + gid + (e >> 1) * 8, j = t * 8 + 2 * tig + (e & 1);
+                float x = j <= i ? sc[t][e] : 0.f;
+#if GATED
+                if (j <= i) x *= expf((float)(G[i] - G[j]));
+#endif
+                sc[t][e] = x;
+            }
+        }
+        float score_scale = 1.f;
+#if SCALED
+        {
+            float m = 0.f;
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(sc[t][e]));
+            score_scale = pow2_scale(warp_max(m));
+        }
+#endif
+        // O = Q x (S state_scale), then rescaled by e^{G_i} score_scale / state_scale.
+        float O[ONT][4];
+#pragma unroll
+        for (int t = 0; t < ONT; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) O[t][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DKP / 16; ++kk) {
+            u32 a[4];
+            ldsm(a, qt + (row0 + (lane & 15)) * QKS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int np = 0; np < VB / 16; ++np) {
+                const int off = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + cg + np * 16 + (lane >> 4) * 8;
+                u32 b[4];
+                ldsm_t(b, shi + off);
+                mma(O[2 * np], a, b[0], b[1]);
+                mma(O[2 * np + 1], a, b[2], b[3]);
+#if SPLIT
+                ldsm_t(b, slo + off);
+                mma(O[2 * np], a, b[0], b[1]);
+                mma(O[2 * np + 1], a, b[2], b[3]);
+#endif
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float f = score_scale / state_scale;
+#if GATED
+            f *= expf((float)G[row0 + gid + h * 8]);
+#endif
+#pragma unroll
+            for (int t = 0; t < ONT; ++t) {
+                O[t][2 * h] *= f;
+                O[t][2 * h + 1] *= f;
+            }
+        }
+        // O += (scores score_scale) x V over the column blocks kk <= warp.
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            if (kk <= gw) {
+                u32 ah[4];
+                [[maybe_unused]] u32 al[4];
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const float* s = sc[2 * kk + (r >> 1)] + (r & 1) * 2;
+#if SPLIT
+                    split2(s[0] * score_scale, s[1] * score_scale, ah[r], al[r]);
+#else
+                    ah[r] = pack2(s[0] * score_scale, s[1] * score_scale);
+#endif
+                }
+#pragma unroll
+                for (int np = 0; np < VB / 16; ++np) {
+                    u32 b[4];
+                    ldsm_t(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + cg + np * 16 + (lane >> 4) * 8);
+                    mma(O[2 * np], ah, b[0], b[1]);
+                    mma(O[2 * np + 1], ah, b[2], b[3]);
+#if SPLIT
+                    mma(O[2 * np], al, b[0], b[1]);
+                    mma(O[2 * np + 1], al, b[2], b[3]);
+#endif
+                }
+            }
+        }
+        // Stage this warp's 16 output rows, then write them in 16-byte pieces.
+        {
+            const float unscale = 1.f / score_scale;
+#pragma unroll
+            for (int t = 0; t < ONT; ++t)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    *reinterpret_cast<u32*>(so + (row0 + gid + h * 8) * VS + cg + t * 8 + 2 * tig) =
+                        pack2(O[t][2 * h] * unscale, O[t][2 * h + 1] * unscale);
+            __syncwarp();
+            const i64 t0 = t_begin + (i64)n * CH + row0;
+            constexpr int PIECES = VB / 8;
+#pragma unroll
+            for (int it = 0; it < 16 * PIECES / 32; ++it) {
+                const int p = lane + it * 32, r = p / PIECES, c = cg + (p % PIECES) * 8;
+                if (t0 + r < t_end && c0 + c < Dv)
+                    *reinterpret_cast<uint4*>(ob + (t0 + r) * ots + c) =
+                        *reinterpret_cast<const uint4*>(so + (row0 + r) * VS + c);
+            }
+        }
+#endif
+
+        // The update of this warp's state tile: S <- e^{G_C} S + (K ⊙ e^{G_C - G})^T V.
+#if GATED
+        const double g_last = G[CH - 1];
+        {
+            const float d = expf((float)g_last);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) S[mt][nt][e] *= d;
+        }
+#endif
+#pragma unroll
+        for (int kk = 0; kk < CH / 16; ++kk) {
+            u32 ah[MT][4];
+#if GATED && SPLIT
+            u32 al[MT][4];
+#endif
+#if GATED
+            const int j = kk * 16 + 2 * tig;
+            const float w[4] = {expf((float)(g_last - G[j])), expf((float)(g_last - G[j + 1])),
+                                expf((float)(g_last - G[j + 8])), expf((float)(g_last - G[j + 9]))};
+#endif
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                ldsm_t(ah[mt], kt + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * QKS + d_base + mt * 16 +
+                                   ((lane >> 3) & 1) * 8);
+#if GATED
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {  // registers 0, 1: columns j, j+1; 2, 3: j+8, j+9
+                    const float2 x = unpack2(ah[mt][r]);
+                    const float wx = x.x * w[(r >> 1) * 2], wy = x.y * w[(r >> 1) * 2 + 1];
+#if SPLIT
+                    split2(wx, wy, ah[mt][r], al[mt][r]);
+#else
+                    ah[mt][r] = pack2(wx, wy);
+#endif
+                }
+#endif
+            }
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                u32 b[4];
+                ldsm_t(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + c_base + np * 16 + (lane >> 4) * 8);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma(S[mt][2 * np], ah[mt], b[0], b[1]);
+                    mma(S[mt][2 * np + 1], ah[mt], b[2], b[3]);
+#if GATED && SPLIT
+                    mma(S[mt][2 * np], al[mt], b[0], b[1]);
+                    mma(S[mt][2 * np + 1], al[mt], b[2], b[3]);
+#endif
+                }
+            }
+        }
+#if WRITE_O && SCALED
+        {
+            const float m = state_max();
+            if (lane == 0) sred[warp] = m;
+        }
+#endif
+        __syncthreads();  // every warp is done with the shared state and chunk n's gates
+#if GATED
+        if (n + 1 < n_chunks && threadIdx.x < CH) sg[(buf ^ 1) * CH + threadIdx.x] = g_next;
+#endif
+#if WRITE_O
+        if (n + 1 < n_chunks) {
+#if SCALED
+            state_scale = pow2_scale(block_max(sred));
+#endif
+            share_state(state_scale);
+        }
+#endif
+    }
+
+    // The exit state: s_out[lead][segment][Dk][Dv].
+    float* sb = s_out + ((lead * gridDim.y + blockIdx.y) * Dk) * (i64)Dv;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int d = d_base + mt * 16 + gid + (e >> 1) * 8, c = c0 + c_base + nt * 8 + 2 * tig + (e & 1);
+                if (d < Dk && c < Dv) sb[(i64)d * Dv + c] = S[mt][nt][e];
+            }
+}
