@@ -10,7 +10,10 @@ exactly flash-linear-attention's ``naive_recurrent_hgrn`` / ``fused_recurrent_hg
 the input is added as it comes, and the (1 − e^{g_t}) factor of the HGRN paper (and of
 FLA's layer, x = silu(i) ⊙ (1 − e^g)) is the caller's. It is the causal scan of
 :mod:`linattn.scan` with one key dim of ones and the channels as values:
-q_t = k_t = 1, v_t = x_t and the value gate g, so that S_t ∈ R^{1×D} is h_tᵀ.
+q_t = k_t = 1, v_t = x_t and the value gate g, so that S_t ∈ R^{1×D} is h_tᵀ. The scan
+runs the parallel and recurrent forms; the chunked form has its own code
+(:mod:`linattn._hgrn_chunked`): with a state of one vector per sequence, it computes every sub-block
+of every chunk at once and carries only that vector, where the scan goes chunk by chunk.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from linattn import _checks, _gated
+from linattn import _checks, _gated, _hgrn_chunked
 from linattn._problem import compute_dtype
 from linattn.backends import resolve_backend
 from linattn.compare import register_method
@@ -70,6 +73,30 @@ def _prepare(x, g, *, initial_state, cu_seqlens, form, chunk_size, backend) -> _
                     chunk_size, chosen)
 
 
+def _run(p: _Problem) -> tuple[Any, Any]:
+    """The outputs (B, T, D) and final states (N, 1, D): the chunked form per sequence, or the scan.
+
+    The scan (with q = k = 1) runs the other forms, and the chunked form wherever the
+    backend has a kernel for it.
+    """
+    if p.form != "chunked" or p.backend.kernel("causal_scan") is not None or p.x.shape[1] == 0:
+        return _gated.scan(p.ones, p.ones, p.x, gk=None, gv=p.g, initial_state=p.state, offsets=p.offsets,
+                           form=p.form, chunk_size=p.chunk_size, backend=p.backend)
+
+    def run(seg: list[Any], states: list[Any]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        x, g = seg
+        h0 = None if states[0] is None else states[0][:, 0, :]
+        if x.shape[1] == 0:  # an empty sequence of cu_seqlens keeps its state
+            zero = xp.zeros((x.shape[0], 1, x.shape[2]), dtype=x.dtype, device=array_api_compat.device(x))
+            return (x,), (zero if h0 is None else states[0],)
+        o, final = _hgrn_chunked.chunked(xp, x, g, h0, p.chunk_size)
+        return (o,), (xp.expand_dims(final, axis=1),)
+
+    xp = p.xp
+    (o,), (final,) = _gated.map_sequences(run, p.offsets, (p.x, p.g), (p.state,))
+    return o, final
+
+
 def hgrn(x: Any, g: Any, *, initial_state: Any = None, output_final_state: bool = False, cu_seqlens: Any = None,
          form: str = "chunked", chunk_size: int = 64, backend: str | None = None) -> Any:
     r"""The HGRN recurrence h_t = e^{g_t} ⊙ h_{t−1} + x_t, o_t = h_t (FLA's ``fused_recurrent_hgrn``).
@@ -111,9 +138,12 @@ def hgrn(x: Any, g: Any, *, initial_state: Any = None, output_final_state: bool 
     -----
     - Same recurrence as FLA's ``naive_recurrent_hgrn`` (x added as is); the HGRN paper
       writes h_t = λ_t ⊙ h_{t−1} + (1 − λ_t) ⊙ c_t: pass x = (1 − e^{g}) ⊙ c.
-    - FLA's chunk kernel scans each chunk elementwise; linattn's chunked form is the
-      scan's (a chunk's outputs by a product with its decay matrix, the state carried
-      between chunks). All three forms agree to rounding, in float64 for float64 inputs.
+    - FLA's chunk kernel scans each chunk elementwise; linattn's chunked form factors the
+      decays of each sub-block of a chunk (16 steps in float32, 64 in float64, at most
+      ``chunk_size``) and takes its outputs by a product with the lower triangle, all
+      sub-blocks at once, then carries the state between sub-blocks and chunks (on the
+      CuPy backend, the scan's kernel). All three forms agree to rounding, in float64 for
+      float64 inputs.
     - Positive g raises ValueError (FLA does not check); any ``chunk_size``.
 
     References
@@ -137,8 +167,7 @@ def hgrn(x: Any, g: Any, *, initial_state: Any = None, output_final_state: bool 
     p = _prepare(x, g, initial_state=initial_state, cu_seqlens=cu_seqlens, form=form, chunk_size=chunk_size,
                  backend=backend)
     _checks.check_bool("output_final_state", output_final_state)
-    o, final = _gated.scan(p.ones, p.ones, p.x, gk=None, gv=p.g, initial_state=p.state, offsets=p.offsets,
-                           form=p.form, chunk_size=p.chunk_size, backend=p.backend)
+    o, final = _run(p)
     o = p.xp.astype(o, x.dtype, copy=False)
     return (o, final[:, 0, :]) if output_final_state else o
 

@@ -58,26 +58,39 @@ def _shifted(xp: Any, x: Any) -> Any:
     return xp.concat([x[..., 1:, :], xp.zeros_like(x[..., :1, :])], axis=-2)
 
 
-def _exclusive(p: _gated.QKVProblem) -> tuple[Any, Any]:
-    """The exclusive readouts s S_{t−1}ᵀ r_t of every step of every sequence, and the final states."""
+def _readout(p: _gated.QKVProblem, u5: Any) -> tuple[Any, Any]:
+    """The outputs s S_{t−1}ᵀ r_t + a_t v_t of every step of every sequence, and the final states."""
+    xp = p.xp
+
     def run(seg: list[Any], states: list[Any]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         r, k, v, w = seg
         S0 = states[0]
-        read_next, final = causal_scan(_shifted(p.xp, r), k, v, gk=w, initial_state=S0, form=p.form,
-                                       chunk_size=p.chunk_size, backend=p.backend)
+        o = _bonus_weight(xp, r, k, u5) * v  # a fresh array: the readouts are added in place
         if r.shape[-2] == 0:
-            return (read_next,), (final,)
-        first = p.xp.zeros_like(read_next[..., :1, :]) if S0 is None else p.xp.matmul(r[..., :1, :], S0)
-        first = p.xp.broadcast_to(first, read_next[..., :1, :].shape)
-        return (p.xp.concat([first, read_next[..., :-1, :]], axis=-2),), (final,)
+            _, final = causal_scan(r, k, v, gk=w, initial_state=S0, form=p.form, chunk_size=p.chunk_size,
+                                   backend=p.backend)
+            return (o,), (final,)
+        # Steps 0..T−2 read with the next step's query (views, no shifted copy): row t is
+        # s S_tᵀ r_{t+1}, the output of step t + 1. The last step only enters the state.
+        before_last = S0
+        if r.shape[-2] > 1:
+            read_next, before_last = causal_scan(r[..., 1:, :], k[..., :-1, :], v[..., :-1, :], gk=w[..., :-1, :],
+                                                 initial_state=S0, form=p.form, chunk_size=p.chunk_size,
+                                                 backend=p.backend)
+            o[..., 1:, :] += read_next
+        _, final = causal_scan(r[..., -1:, :], k[..., -1:, :], v[..., -1:, :], gk=w[..., -1:, :],
+                               initial_state=before_last, form="recurrent")
+        if S0 is not None:  # step 0 reads S_{−1}
+            o[..., :1, :] += xp.matmul(r[..., :1, :], S0)
+        return (o,), (final,)
 
     (o,), (final,) = _gated.map_sequences(run, p.offsets, (p.q, p.k, p.v, p.gk), (p.state,))
     return o, final
 
 
-def _bonus_weight(p: _gated.QKVProblem, u5: Any) -> Any:
-    """a_t = s r_t · (u ⊙ k_t): (B, Hkv, G, T, 1)."""
-    return p.xp.sum(p.q * (u5 * p.k), axis=-1, keepdims=True)
+def _bonus_weight(xp: Any, q: Any, k: Any, u5: Any) -> Any:
+    """a_t = s r_t · (u ⊙ k_t) = (s r_t ⊙ k_t) · u, a product with the column u: (B, Hkv, G, T, 1)."""
+    return xp.matmul(q * k, xp.matrix_transpose(u5))
 
 
 def rwkv6(r: Any, k: Any, v: Any, w: Any, u: Any, *, scale: float | None = None, initial_state: Any = None,
@@ -154,8 +167,8 @@ def rwkv6(r: Any, k: Any, v: Any, w: Any, u: Any, *, scale: float | None = None,
     p, u5 = _prepare(r, k, v, w, u, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, form=form,
                      chunk_size=chunk_size, layout=layout, backend=backend)
     _checks.check_bool("output_final_state", output_final_state)
-    o, final = _exclusive(p)
-    o = p.output(o + _bonus_weight(p, u5) * p.v, r.dtype)
+    o, final = _readout(p, u5)
+    o = p.output(o, r.dtype)
     return (o, final[:, :, 0, ...]) if output_final_state else o
 
 
@@ -222,7 +235,7 @@ def rwkv6_vjp(r: Any, k: Any, v: Any, w: Any, u: Any, do: Any, *, scale: float |
         return (dr, g.dk, g.dv, g.dgk), (dS0,)
 
     (dr, dk, dv, dw), (dS0,) = _gated.map_sequences(run, p.offsets, (p.q, p.k, p.v, p.gk, do5), (p.state, ds))
-    a = _bonus_weight(p, u5)
+    a = _bonus_weight(xp, p.q, p.k, u5)
     da = xp.sum(do5 * p.v, axis=-1, keepdims=True)
     dr = dr + da * u5 * p.k
     dk = dk + _gated.sum_to(xp, da * u5 * p.q, tuple(p.k.shape))

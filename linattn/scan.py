@@ -195,93 +195,94 @@ def _exact_block_diagonal(xp, q, k, v, Gk, Gv, tril):
     return xp.sum(_expand(xp, scores, -1) * _expand(xp, v, -3) * decay(Gv), axis=-2)
 
 
-def _factored_chunk(xp, q, k, v, gk, gv, state0):
+def _triangle(xp: Any, C: int, dtype: Any, device: Any) -> Any:
+    """The 0/1 lower triangle of one sub-block of a chunk of C steps: (c, c), c = min(sub-block, C)."""
+    return xp.astype(_causal_mask(xp, min(_sub_block(xp, dtype), C), device), dtype)
+
+
+def _add_to_block(xp: Any, o: Any, i: int, x: Any) -> Any:
+    """o[..., i, :, :] += x in place (o is a temporary of the chunk), first giving o any leading dims x adds."""
+    if x.shape != o.shape[:-3] + o.shape[-2:]:  # a state with leading dims the inputs lack
+        lead = xp.broadcast_arrays(o[..., i, :, :], x)[0].shape[:-2]
+        o = o + xp.zeros((*lead, *o.shape[-3:]), dtype=o.dtype, device=array_api_compat.device(o))
+    o[..., i, :, :] += x
+    return o
+
+
+def _factors(xp: Any, G: Any, limit: float) -> tuple[Any, Any, Any, Any]:
+    """Gates G summed inside each sub-block -> e^{G} (≤ 1), e^{−G} clipped at e^{limit}, e^{G_end − G}, unsafe rows.
+
+    A row is unsafe where some G_t < −limit: its factor e^{−G} was clipped (None when no
+    row of the chunk is; a min is cheaper than the comparison of every entry).
+    """
+    inside = xp.exp(G)
+    inverse = 1.0 / xp.maximum(inside, math.exp(-limit))
+    to_end = xp.exp(G[..., -1:, :] - G)
+    unsafe = xp.any(G < -limit, axis=-1, keepdims=True) if bool(xp.min(G) < -limit) else None
+    return inside, inverse, to_end, unsafe
+
+
+def _factored_chunk(xp, q, k, v, gk, gv, state0, tril):
     r"""One chunk of the chunked form with vector gates, by matrix products.
 
-    The chunk is cut into sub-blocks of c steps (:func:`_sub_block`), and the chunked
-    algorithm runs again inside it, all sub-blocks at once. With a the first step of a
-    sub-block, every decay factors about G_a:
+    The chunk is cut into m sub-blocks of c steps (:func:`_sub_block`; ``tril`` is their
+    (c, c) lower triangle), and the chunked algorithm runs again inside it. With a the
+    first step of a sub-block and G_t = Σ_{a≤r≤t} g_r its gates summed from a, every
+    decay factors about the step before a:
 
-    - inside the sub-block, Σ_d q_td e^{G_td − G_sd} k_sd = q̂_t · k̃_s with
-      q̂ = q e^{G − G_a} (≤ 1) and k̃ = k e^{G_a − G} (≥ 1, at most e^{G_a − G_t} for the
-      keys a row t sees): tril(Q̂ K̃ᵀ), a matrix product;
-    - the earlier sub-blocks and the chunk's entering state reach row t through the state
-      at a, E (decayed to a), as q̂_t E; each sub-block's own state is K̂ᵀV̂ with the
-      factors e^{G_end − G} ≤ 1, and E advances by the block decays.
+    - inside the sub-block, Σ_d q_td e^{G_td − G_sd} k_sd = q̃_t · k̃_s with
+      q̃ = q e^{G} (≤ 1) and k̃ = k e^{−G} (≥ 1, at most e^{−G_t} for the keys a row t
+      sees): tril(Q̃ K̃ᵀ), a matrix product;
+    - the chunk's entering state and the earlier sub-blocks reach row t through F, the
+      state at the end of the previous sub-block, as q̃_t F; F advances by the sub-block's
+      decay e^{G_end} and its own state K̂ᵀV̂, with the factors e^{G_end − G} ≤ 1.
 
     The value gate factors the same way. Only the in-block factor k̃ can be large: a row
-    whose G_a − G_t exceeds :func:`_span_limit` takes its in-block sum elementwise
-    instead (its keys' exponents are clipped at the limit and its factored value
-    discarded), so nothing overflows whatever the gates. Every shape is fixed by the
-    chunk's length and a row's value depends only on steps up to it, so later inputs
-    leave earlier outputs bitwise unchanged, as in the other forms.
+    whose −G_t exceeds :func:`_span_limit` takes its in-block sum elementwise instead
+    (its keys' exponents are clipped at the limit and its factored value discarded), so
+    nothing overflows whatever the gates. Every shape is fixed by the chunk's length and
+    a row's value depends only on steps up to it, so later inputs leave earlier outputs
+    bitwise unchanged, as in the other forms.
     """
-    C = q.shape[-2]
-    c = min(_sub_block(xp, q.dtype), C)
+    C, c = q.shape[-2], tril.shape[-1]
     m = -(-C // c)
     limit = _span_limit(xp, q.dtype)
     qb, kb, vb = (_blocks(xp, _pad_rows(xp, x, m * c), m, c) for x in (q, k, v))
-    # Cumulative gates from the chunk's start, as a product with the 0/1 lower triangle
-    # (3x faster than NumPy's cumsum along the time axis).
-    tril_C = xp.astype(_causal_mask(xp, m * c, array_api_compat.device(q)), q.dtype)
-    tril = tril_C[:c, :c]
-    # (the triangle gets the gates' leading dims: NumPy's matmul of a 2-D array with a
-    # stack of them can miss BLAS and run 100x slower)
-    Gk, Gv = (_blocks(xp, xp.matmul(xp.reshape(tril_C, (1,) * (g.ndim - 2) + tril_C.shape), _pad_rows(xp, g, m * c)),
-                      m, c) if g is not None else None for g in (gk, gv))
-
-    def factors(G):
-        """e^{G − G_a} (≤ 1), its inverse clipped at e^{limit}, e^{G_end − G} (≤ 1), unsafe rows."""
-        from_start = G - G[..., :1, :]
-        inside = xp.exp(from_start)
-        inverse = 1.0 / xp.maximum(inside, math.exp(-limit))
-        to_end = xp.exp(G[..., -1:, :] - G)
-        return inside, inverse, to_end, xp.any(from_start < -limit, axis=-1, keepdims=True)
-
-    q_hat, k_tilde, k_hat, v_tilde, v_hat, unsafe = qb, kb, kb, vb, vb, None
+    # Gates summed inside each sub-block, as a product with the 0/1 lower triangle (3x
+    # faster than NumPy's cumsum along the time axis); the triangle gets the gates'
+    # leading dims: NumPy's matmul of a 2-D array with a stack of them can miss BLAS.
+    Gk, Gv = (xp.matmul(xp.reshape(tril, (1,) * (g.ndim - 1) + tril.shape), _blocks(xp, _pad_rows(xp, g, m * c), m, c))
+              if g is not None else None for g in (gk, gv))
+    q_tilde, k_tilde, k_hat, v_tilde, v_hat, unsafe = qb, kb, kb, vb, vb, None
     if Gk is not None:
-        inside, inverse, to_end, unsafe = factors(Gk)
-        q_hat, k_tilde, k_hat = qb * inside, kb * inverse, kb * to_end
+        inside, inverse, to_end, unsafe = _factors(xp, Gk, limit)
+        q_tilde, k_tilde, k_hat = qb * inside, kb * inverse, kb * to_end
     if Gv is not None:
-        inside_v, inverse_v, to_end_v, unsafe_v = factors(Gv)
+        inside_v, inverse_v, to_end_v, unsafe_v = _factors(xp, Gv, limit)
         v_tilde, v_hat = vb * inverse_v, vb * to_end_v
-        unsafe = unsafe_v if unsafe is None else (unsafe | unsafe_v)
-    diagonal = xp.matmul(_product(xp, q_hat, xp.matrix_transpose(k_tilde)) * tril, v_tilde)
+        unsafe = unsafe_v if unsafe is None else (unsafe if unsafe_v is None else unsafe | unsafe_v)
+    o = xp.matmul(_product(xp, q_tilde, xp.matrix_transpose(k_tilde)) * tril, v_tilde)
     if Gv is not None:
-        diagonal = diagonal * inside_v
-    if bool(xp.any(unsafe)):
-        diagonal = xp.where(unsafe, _exact_block_diagonal(xp, qb, kb, vb, Gk, Gv, tril), diagonal)
-    # The state entering each sub-block, decayed to its first step a (E), which its rows read
-    # as q̂ E: E_0 = e^{G_a0} ⊙ S_in, E_{i+1} = e^{G_a(i+1) − G_a(i)} ⊙ E_i + e^{G_a(i+1) − G_end(i)} ⊙ own_i,
-    # own_i = K̂ᵀV̂ the sub-block's own state at its end; the chunk's state leaves after the last.
+        o = o * inside_v
+    if unsafe is not None:
+        o = xp.where(unsafe, _exact_block_diagonal(xp, qb, kb, vb, Gk, Gv, tril), o)
+    # F_{−1} = S_in, F_i = (e^{Gk_end} e^{Gv_end}ᵀ) ⊙ F_{i−1} + K̂_iᵀ V̂_i; sub-block i reads F_{i−1}
+    # into its rows as soon as it is known (a stack of the m states would cost more than
+    # the products). The first sub-block from a zero state reads nothing.
     own = xp.matmul(xp.matrix_transpose(k_hat), v_hat)  # (..., m, Dk, Dv)
-
-    def decays(G):  # e^{G_a0}, e^{G_a(i+1) − G_a(i)}, e^{G_a(i+1) − G_end(i)}, e^{G_end − G_a} of the last
-        first, last = G[..., 0, :], G[..., -1, :]  # (..., m, D)
-        return (xp.exp(first[..., 0, :]), xp.exp(first[..., 1:, :] - first[..., :-1, :]),
-                xp.exp(first[..., 1:, :] - last[..., :-1, :]), xp.exp(last[..., -1, :] - first[..., -1, :]))
-
-    def scale(x, by_k, by_v):  # (e^{gk} e^{gv}ᵀ) ⊙ x with the factors already exponentiated
-        if by_k is not None:
-            x = x * _expand(xp, by_k, -1)
-        return x if by_v is None else x * _expand(xp, by_v, -2)
-
-    none = (None, None, None, None)
-    start_k, step_k, join_k, end_k = none if Gk is None else decays(Gk)
-    start_v, step_v, join_v, end_v = none if Gv is None else decays(Gv)
-    at = lambda x, i: None if x is None else x[..., i, :]  # noqa: E731
-    joined = scale(own[..., :-1, :, :], join_k, join_v)
-    E = [xp.zeros_like(own[..., 0, :, :]) if state0 is None else scale(state0, start_k, start_v)]
-    for i in range(m - 1):
-        E.append(scale(E[-1], at(step_k, i), at(step_v, i)) + joined[..., i, :, :])
-    state = scale(E[-1], end_k, end_v) + own[..., -1, :, :]
-    if any(e.shape != E[-1].shape for e in E):  # a zero first state may lack the gates' leading dims
-        E = xp.broadcast_arrays(*E)
-    E = xp.stack(E, axis=-3)
-    o = _product(xp, q_hat, E)
-    o = diagonal + (o if Gv is None else o * inside_v)
+    decay_k = None if Gk is None else _expand(xp, inside[..., -1, :], -1)  # (..., m, Dk, 1)
+    decay_v = None if Gv is None else _expand(xp, inside_v[..., -1, :], -2)  # (..., m, 1, Dv)
+    F = state0
+    for i in range(m):
+        if F is not None:
+            read = _product(xp, q_tilde[..., i, :, :], F)
+            o = _add_to_block(xp, o, i, read if Gv is None else read * inside_v[..., i, :, :])
+            F = F if decay_k is None else F * decay_k[..., i, :, :]
+            F = (F if decay_v is None else F * decay_v[..., i, :, :]) + own[..., i, :, :]
+        else:
+            F = own[..., i, :, :]
     o = xp.reshape(o, (*o.shape[:-3], m * c, o.shape[-1]))[..., :C, :]
-    return o, state
+    return o, F
 
 
 def _form_chunked(xp, q, k, v, gk, gv, state0, chunk_size):
@@ -299,11 +300,14 @@ def _form_chunked(xp, q, k, v, gk, gv, state0, chunk_size):
     vector_gates = (gk is not None and gk.shape[-1] > 1) or gv is not None
     state = state0
     outputs = []
+    triangles = {}  # by chunk length: the full chunks' and the last one's
     for a in range(0, T, chunk_size):
         b = min(a + chunk_size, T)  # the array API leaves slices past the end unspecified
         chunk = [None if x is None else x[..., a:b, :] for x in (q, k, v, gk, gv)]
         if vector_gates:  # the elementwise double sum would cost O(C²·D) per chunk
-            o, state = _factored_chunk(xp, *chunk, state)
+            if b - a not in triangles:
+                triangles[b - a] = _triangle(xp, b - a, q.dtype, array_api_compat.device(q))
+            o, state = _factored_chunk(xp, *chunk, state, triangles[b - a])
         else:
             o, state = _form_parallel(xp, *chunk, state, chunk_size)
         outputs.append(o)
