@@ -51,8 +51,13 @@ def _expand(xp: Any, x: Any, axis: int) -> Any:
     return xp.expand_dims(x, axis=axis)
 
 
+def _wide(xp: Any, g: Any | None) -> Any | None:
+    """A log-gate in at least float32: its sums over time lose a mild gate's digits in half precision."""
+    return g if g is None or g.dtype in (xp.float32, xp.float64) else xp.astype(g, xp.float32)
+
+
 def _cumulative(xp: Any, g: Any | None) -> Any | None:
-    return None if g is None else xp.cumulative_sum(g, axis=-2)
+    return None if g is None else xp.cumulative_sum(_wide(xp, g), axis=-2)
 
 
 def _causal_mask(xp: Any, T: int, device: Any) -> Any:
@@ -515,7 +520,7 @@ def _reverse_scan(xp, a, b, c, ga, gc, state, run, chunk_size):
 
 def _total(xp: Any, g: Any | None, start: int) -> Any | None:
     """Σ_{r ≥ start} g_r over the time axis (None stays None)."""
-    return None if g is None else xp.sum(g[..., start:, :], axis=-2)
+    return None if g is None else xp.sum(_wide(xp, g)[..., start:, :], axis=-2)
 
 
 def _reverse_state_readout(xp: Any, a: Any, ga: Any | None, gc: Any | None, X: Any) -> Any:
@@ -523,7 +528,7 @@ def _reverse_state_readout(xp: Any, a: Any, ga: Any | None, gc: Any | None, X: A
     def to_end(g: Any | None) -> Any | None:  # Σ_{r > s} g_r = G_{T−1} − G_s
         if g is None:
             return None
-        G = xp.cumulative_sum(g, axis=-2)
+        G = _cumulative(xp, g)
         return G[..., -1:, :] - G
     return _state_readout(xp, a, to_end(ga), to_end(gc), X)
 

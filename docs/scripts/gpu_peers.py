@@ -144,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32", "fp16"])
     parser.add_argument("--ops", nargs="+", default=["linear", "simple_gla", "gla", "delta", "gated_delta"])
     parser.add_argument("--shapes", choices=["fla", "quick"], default="fla")
+    parser.add_argument("--only", nargs="+", default=None, metavar="BxTxHxD",
+                        help="run just these of the shapes (a later run can take the rest)")
+    parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
+    parser.add_argument("--no-extras", action="store_true",
+                        help="skip the float32 accuracy, decoding step and T sweep parts")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds; later measurements are skipped")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -169,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
 
     shapes = FLA_SHAPES if args.shapes == "fla" else [(16, 2048, 16, 128)]
+    if args.only:
+        shapes = [s for s in shapes if "x".join(map(str, s)) in args.only]
     for dname in args.dtypes:
         for shape in shapes:
             B, T, H, D = shape
@@ -176,48 +183,49 @@ def main(argv: list[str] | None = None) -> int:
             floor = 4 * B * T * H * D * x["q"].element_size() / bw * 1e3
             common = {"shape": list(shape), "dtype": dname}
             record(impl="floor", op="copy q,k,v,o", mode="fwd", ms=floor, **common)
-            for op in args.ops:
+            for op in args.ops if "fwd" in args.modes else ():
                 timed("linattn", ours(op, x), op=op, mode="fwd", **common)
                 timed("fla chunk", fla(op, x), op=op, mode="fwd", **common)
             if "linear" in args.ops and dname == "fp32":
                 timed("fla fused_recurrent", fla("linear", x, "fused_recurrent"), op="linear", mode="fwd", **common)
             timed("torch sdpa", sdpa(x), op="softmax", mode="fwd", **common)
             for op in ("linear", "simple_gla"):
-                if op in args.ops and dname in ("bf16", "fp32"):
+                if op in args.ops and dname in ("bf16", "fp32") and "fwd+bwd" in args.modes:
                     timed("linattn", ours_fwd_bwd(op, x), op=op, mode="fwd+bwd", **common)
                     timed("fla chunk", fla_fwd_bwd(op, x), op=op, mode="fwd+bwd", **common)
             del x
             torch.cuda.empty_cache()
 
-    # Accuracy in float32: linattn's kernel and FLA's chunk (TF32) and fused_recurrent against float64.
-    x = inputs((16, 2048, 16, 128), torch.float32)
-    ref = linear_reference(x)
-    import fla.ops as ops
-    errors = {
-        "linattn": rel_error(ours("linear", x)()[0], ref),
-        "fla chunk": rel_error(ops.chunk_linear_attn(x["q"], x["k"], x["v"], scale=1.0, normalize=False)[0]
-                               .transpose(1, 2), ref),
-        "fla fused_recurrent": rel_error(ops.fused_recurrent_linear_attn(x["q"], x["k"], x["v"], scale=1.0,
-                                                                         normalize=False)[0].transpose(1, 2), ref),
-    }
-    result["fp32_rel_error_linear_16x2048x16x128"] = errors
-    del x, ref
+    if not args.no_extras:
+        # Accuracy in float32: linattn's kernel and FLA's chunk (TF32) and fused_recurrent against float64.
+        x = inputs((16, 2048, 16, 128), torch.float32)
+        ref = linear_reference(x)
+        import fla.ops as ops
+        errors = {
+            "linattn": rel_error(ours("linear", x)()[0], ref),
+            "fla chunk": rel_error(ops.chunk_linear_attn(x["q"], x["k"], x["v"], scale=1.0, normalize=False)[0]
+                                   .transpose(1, 2), ref),
+            "fla fused_recurrent": rel_error(ops.fused_recurrent_linear_attn(x["q"], x["k"], x["v"], scale=1.0,
+                                                                             normalize=False)[0].transpose(1, 2), ref),
+        }
+        result["fp32_rel_error_linear_16x2048x16x128"] = errors
+        del x, ref
 
-    # One decoding step: B = H = 16, Dk = Dv = 128, float32 state read and written once.
-    state = torch.randn(16, 16, 128, 128, device="cuda")
-    q1, k1, v1 = (torch.randn(16, 16, 1, 128, device="cuda") for _ in range(3))
-    step = lambda: causal_scan(q1, k1, v1, initial_state=state, backend="cupy")  # noqa: E731
-    result["decode_step"] = {"ms": median_ms(step), "floor_ms": 2 * state.numel() * 4 / bw * 1e3}
+        # One decoding step: B = H = 16, Dk = Dv = 128, float32 state read and written once.
+        state = torch.randn(16, 16, 128, 128, device="cuda")
+        q1, k1, v1 = (torch.randn(16, 16, 1, 128, device="cuda") for _ in range(3))
+        step = lambda: causal_scan(q1, k1, v1, initial_state=state, backend="cupy")  # noqa: E731
+        result["decode_step"] = {"ms": median_ms(step), "floor_ms": 2 * state.numel() * 4 / bw * 1e3}
 
-    # Time against T for the plot (bf16, B=4, H=16, D=128).
-    for shape in SWEEP:
-        x = inputs(shape, torch.bfloat16)
-        common = {"shape": list(shape), "dtype": "bf16", "sweep": True}
-        record(impl="floor", op="copy q,k,v,o", mode="fwd", ms=4 * math.prod(shape) * 2 / bw * 1e3, **common)
-        timed("linattn", ours("linear", x), op="linear", mode="fwd", **common)
-        timed("fla chunk", fla("linear", x), op="linear", mode="fwd", **common)
-        timed("torch sdpa", sdpa(x), op="softmax", mode="fwd", **common)
-        del x
+        # Time against T for the plot (bf16, B=4, H=16, D=128).
+        for shape in SWEEP:
+            x = inputs(shape, torch.bfloat16)
+            common = {"shape": list(shape), "dtype": "bf16", "sweep": True}
+            record(impl="floor", op="copy q,k,v,o", mode="fwd", ms=4 * math.prod(shape) * 2 / bw * 1e3, **common)
+            timed("linattn", ours("linear", x), op="linear", mode="fwd", **common)
+            timed("fla chunk", fla("linear", x), op="linear", mode="fwd", **common)
+            timed("torch sdpa", sdpa(x), op="softmax", mode="fwd", **common)
+            del x
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     print_table(result)

@@ -14,7 +14,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
 python3 -c "import cupy, torch, triton; print('cupy', cupy.__version__, 'torch', torch.__version__, 'triton', triton.__version__)"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/gpu -q -p no:cacheprovider --maxfail=15 -rs 2>&1 \
+  # six workers: the kernels compile (NVRTC) on first use, in parallel across processes
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/gpu -q -p no:cacheprovider -p no:benchmark -n 6 --maxfail=15 -rs 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -40
 fi
 python3 docs/scripts/gpu_peers.py --json "$OUT/gpu_peers.json" --budget "${BUDGET:-300}" "$@" 2>&1 \

@@ -98,13 +98,19 @@ def _aligned(operands: list[cs._Operand]) -> bool:
     return all(op.array.data.ptr % 16 == 0 and all(s % 8 == 0 for s in (*op.lead, op.time)) for op in operands)
 
 
+# Segments are at least this long: the extra pass and the prefix between them cost a few
+# launches (tens of microseconds of host time), worth it only when each segment has many
+# chunks to walk.
+_MIN_SEGMENT = 1024
+
+
 def _segments(n_blocks: int, T: int, plan: _ChunkPlan, device_id: int) -> int:
     """Time segments: as many as fill the resident blocks once, if T allows."""
     sms = cs._sm_count(device_id)
-    if n_blocks >= sms or T < 2 * cs._MIN_SEGMENT:
+    if n_blocks >= sms or T < 2 * _MIN_SEGMENT:
         return 1
     resident = sms * max(1, _SHARED_PER_SM // (plan.shared_bytes + 1024))
-    return max(1, min(resident // n_blocks, T // cs._MIN_SEGMENT))
+    return max(1, min(resident // n_blocks, T // _MIN_SEGMENT))
 
 
 @functools.cache

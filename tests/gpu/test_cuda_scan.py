@@ -169,6 +169,36 @@ def test_tensor_core_time_segments_match_the_reference(cp: Any, tensor_core_call
     _check(s, s_ref, "float32", 3001 * 64, "final state")
 
 
+@pytest.mark.usefixtures("nan_memory")
+@pytest.mark.parametrize("gates", ["none", "step"])
+def test_vjp_through_the_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: list[bool],
+                                                                  gates: str) -> None:
+    """The VJP's scans (role-swapped, on reversed views) on float16 data run on tensor cores.
+
+    dq, dk, dv and dS_0 are kernel outputs (float16 for the data, float32 for the state),
+    checked as the forward's outputs are; the gate's gradient, which the reference
+    computes from them, is checked in float64 by the test above.
+    """
+    p = {"lead_q": (2, 2, 1), "lead_kv": (2, 2, 1), "T": 150, "Dk": 64, "Dv": 128, "gates": gates,
+         "regime": "mild", "initial": True, "dtype": "float16", "seed": 9}
+    host = _linear_inputs(p)
+    rng = np.random.default_rng(10)
+    do = rng.standard_normal((*p["lead_q"], p["T"], p["Dv"])).astype(np.float16).astype(np.float64)
+    dfinal = rng.standard_normal((*p["lead_kv"], p["Dk"], p["Dv"]))
+    ref = causal_scan_vjp(**host, do=do, dfinal_state=dfinal, form="recurrent")
+    got = causal_scan_vjp(**_to_device(cp, {**host, "do": do, "dfinal_state": dfinal}, "float16"), backend="cupy")
+    assert tensor_core_calls and all(tensor_core_calls)
+    n = p["T"] * max(p["Dk"], p["Dv"])
+    _check(got.dq, ref.dq, "float16", n, "dq")
+    _check(got.dinitial_state, ref.dinitial_state, "float32", n, "dinitial_state")
+    # dk and dv are a scan's output plus the final state's read-out, each rounded to
+    # float16 and rounded again when added: three half-ulp roundings, within 2 eps.
+    rtol = tolerance("float32", n) + 2 * machine_epsilon("float16")
+    for name in ("dk", "dv"):
+        want = getattr(ref, name)
+        assert_close(getattr(got, name), want, rtol=rtol, atol=rtol * float(np.max(np.abs(want))), err_msg=name)
+
+
 @st.composite
 def delta_problems(draw: Any) -> dict[str, Any]:
     return {
