@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-import triton.testing
+from gpu_peers import copy_bandwidth, median_ms  # this folder is on sys.path when run as a script
 
 from linattn.backends import _cuda_chunk
 from linattn.scan import causal_scan
@@ -40,10 +40,6 @@ def variant(name: str) -> Any:
     finally:
         for key, value in saved.items():
             setattr(_cuda_chunk, key, value)
-
-
-def median_ms(fn: Any) -> float:
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
@@ -66,13 +62,6 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
 
 def rel_error(o: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.norm(o.double() - ref) / torch.linalg.norm(ref))
-
-
-def copy_bandwidth() -> float:
-    """Bytes read plus written per second by a 1 GiB device-to-device copy."""
-    src = torch.randn(1 << 28, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / (median_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
 def fla_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> Any:

@@ -93,11 +93,6 @@ def _shared_limit(device_id: int) -> int:
     return int(cs._cupy().cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"])
 
 
-def _aligned(operands: list[cs._Operand]) -> bool:
-    """Every row of every operand starts on 16 bytes (8 elements of 2 bytes)."""
-    return all(op.array.data.ptr % 16 == 0 and all(s % 8 == 0 for s in (*op.lead, op.time)) for op in operands)
-
-
 # Segments are at least this long: the extra pass and the prefix between them cost a few
 # launches (tens of microseconds of host time), worth it only when each segment has many
 # chunks to walk.
@@ -139,7 +134,8 @@ def chunked_linear_scan(data: cs._Arrays, q: Any, k: Any, v: Any, g: Any, state0
     ops = [cs._operand(cp, x) for x in operands]
     o = data.empty((*lead, T, Dv))
     oo = cs._operand(cp, o)
-    if not _aligned([*ops[:3], oo]):  # the gate is read a value at a time
+    # Rows on 16 bytes (8 elements) for cp.async; the gate is read a value at a time.
+    if cs._vector_width([*ops[:3], oo], 8, 8) != 8:
         return None
     qo, ko, vo = ops[:3]
     go = ops[3] if g is not None else None

@@ -106,6 +106,16 @@ def test_linear_scan_kernel_matches_the_reference(cp: Any, problem: dict[str, An
     _check(s, s_ref, "float32" if problem["dtype"] == "float16" else problem["dtype"], n, f"final state of {problem}")
 
 
+def _long_problem(cp: Any, T: int, dtype: str = "float32", gates: str = "key") -> tuple[dict[str, Any], dict[str, Any]]:
+    """One head, long: few blocks, so the kernel splits time into segments (three passes)."""
+    p = {"lead_q": (1, 1, 1), "lead_kv": (1, 1, 1), "T": T, "Dk": 64, "Dv": 64, "gates": gates,
+         "regime": "mild", "initial": True, "dtype": dtype, "seed": 3}
+    host = _linear_inputs(p)
+    if host["gk"] is not None:
+        host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
+    return host, _to_device(cp, host, dtype)
+
+
 @st.composite
 def tensor_core_problems(draw: Any) -> dict[str, Any]:
     """The calls the tensor-core kernel covers: 16-bit data, no gate or a gate per step, Dk, Dv multiples of 16."""
@@ -153,17 +163,13 @@ def test_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: li
 @pytest.mark.usefixtures("nan_memory")
 @pytest.mark.parametrize("gates", ["none", "step"])
 def test_tensor_core_time_segments_match_the_reference(cp: Any, tensor_core_calls: list[bool], gates: str) -> None:
-    p = {"lead_q": (1, 1, 1), "lead_kv": (1, 1, 1), "T": 3001, "Dk": 64, "Dv": 64, "gates": gates,
-         "regime": "mild", "initial": True, "dtype": "float16", "seed": 4}
-    host = _linear_inputs(p)
-    if host["gk"] is not None:
-        host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
+    host, dev = _long_problem(cp, 3001, "float16", gates)
     from linattn.backends import _cuda_chunk
 
     plan = _cuda_chunk._chunk_plan("float16", 64, 64, _cuda_chunk._shared_limit(cp.cuda.Device().id))
     assert plan is not None and _cuda_chunk._segments(1, 3001, plan, cp.cuda.Device().id) > 1  # three passes
     o_ref, s_ref = causal_scan(**host)
-    o, s = causal_scan(**_to_device(cp, host, "float16"), backend="cupy")
+    o, s = causal_scan(**dev, backend="cupy")
     assert tensor_core_calls == [True]
     _check(o, o_ref, "float16", 3001 * 64, "outputs")
     _check(s, s_ref, "float32", 3001 * 64, "final state")
@@ -255,13 +261,6 @@ def test_vjp_through_the_kernels_matches_the_reference(cp: Any, gates: str) -> N
         assert_close(getattr(got, name), want, dtype="float64", reduction_length=p["T"] * 100, err_msg=name)
 
 
-def _long_problem(cp: Any, T: int, dtype: str = "float32") -> tuple[dict[str, Any], dict[str, Any]]:
-    """One head, long: few blocks, so the kernel splits time into segments (three passes)."""
-    p = {"lead_q": (1, 1, 1), "lead_kv": (1, 1, 1), "T": T, "Dk": 64, "Dv": 64, "gates": "key",
-         "regime": "mild", "initial": True, "dtype": dtype, "seed": 3}
-    host = _linear_inputs(p)
-    host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
-    return host, _to_device(cp, host, dtype)
 
 
 @pytest.mark.usefixtures("nan_memory")
