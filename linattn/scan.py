@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 from linattn import _checks
 from linattn.backends import Backend, resolve_backend
@@ -433,10 +434,7 @@ def _as_state_shape(xp: Any, state: Any, k: Any, v: Any, gk: Any, gv: Any, initi
     A form may return it with fewer leading dims where they broadcast (no step, or a first
     step from a zero state has not met the gates yet); the values are the same.
     """
-    parts = [x[..., :1, :1] for x in (k, v, gk, gv) if x is not None]
-    if initial_state is not None:
-        parts.append(initial_state[..., :1, :1])
-    lead = tuple(xp.broadcast_arrays(*parts)[0].shape[:-2]) if len(parts) > 1 else tuple(parts[0].shape[:-2])
+    lead = np.broadcast_shapes(*(tuple(x.shape[:-2]) for x in (k, v, gk, gv, initial_state) if x is not None))
     shape = (*lead, int(k.shape[-1]), int(v.shape[-1]))
     return state if tuple(state.shape) == shape else state + xp.zeros(shape, dtype=state.dtype,
                                                                             device=array_api_compat.device(state))

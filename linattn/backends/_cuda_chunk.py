@@ -22,8 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from linattn.backends import _cuda_launch as cl
 from linattn.backends import _cuda_scan as cs
 
 # Tests and benchmarks switch these: the tensor-core kernel at all, and the two-part
@@ -68,6 +67,7 @@ def _shared_bytes(dkp: int, columns: int, groups: int) -> int:
     return 2 * elements + 4 * 2 * _CHUNK + 8 * warps * _CHUNK + 4 * warps
 
 
+@functools.cache
 def _chunk_plan(dtype: str, Dk: int, Dv: int, shared_limit: int) -> _ChunkPlan | None:
     """The kernel's tiling for these sizes, or None when it does not cover them.
 
@@ -87,88 +87,73 @@ def _chunk_plan(dtype: str, Dk: int, Dv: int, shared_limit: int) -> _ChunkPlan |
     return None
 
 
-@functools.cache
-def _shared_limit(device_id: int) -> int:
+def _shared_limit(device: int) -> int:
     """Shared memory one block may opt into on this device."""
-    return int(cs._cupy().cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"])
+    return cl.device_attribute(device, "MaxSharedMemoryPerBlockOptin")
 
 
-# Segments are at least this long: the extra pass and the prefix between them cost a few
-# launches (tens of microseconds of host time), worth it only when each segment has many
-# chunks to walk.
+# Segments are at least this long: the extra passes cost three launches (a few tens of
+# microseconds), worth it only when each segment has many chunks to walk.
 _MIN_SEGMENT = 1024
 
 
-def _segments(n_blocks: int, T: int, plan: _ChunkPlan, device_id: int) -> int:
+def _segments(n_blocks: int, T: int, plan: _ChunkPlan, device: int) -> int:
     """Time segments: as many as fill the resident blocks once, if T allows."""
-    sms = cs._sm_count(device_id)
+    sms = cs._sm_count(device)
     if n_blocks >= sms or T < 2 * _MIN_SEGMENT:
         return 1
     resident = sms * max(1, _SHARED_PER_SM // (plan.shared_bytes + 1024))
     return max(1, min(resident // n_blocks, T // _MIN_SEGMENT))
 
 
-@functools.cache
-def _kernel(defines: tuple[tuple[str, Any], ...], shared_bytes: int) -> Any:
-    kernel = cs._module("chunk_mma.cu", defines).get_function("chunk_linear_scan")
-    kernel.max_dynamic_shared_size_bytes = shared_bytes
-    return kernel
+def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:
+    """The scan of ``causal_scan`` on tensor cores, with no gate or a per-step log-gate (..., T, 1).
 
-
-def chunked_linear_scan(data: cs._Arrays, q: Any, k: Any, v: Any, g: Any, state0: Any) -> tuple[Any, Any] | None:
-    """The scan of ``causal_scan`` on tensor cores, with no gate or a per-step log-gate ``g`` (..., T, 1).
-
-    ``data`` holds the call's converted arrays; returns ``(o, final_state)`` in the
-    caller's kind, or None when the kernel does not cover the call.
+    ``call`` holds the operands q, k, v, gk, gv, state; returns ``(o, final_state)`` in
+    the caller's library, or None when the kernel does not cover the call.
     """
-    cp = cs._cupy()
-    T, Dk, Dv = int(q.shape[-2]), int(q.shape[-1]), int(v.shape[-1])
-    device_id = cp.cuda.Device().id
-    plan = _chunk_plan(data.dtype, Dk, Dv, _shared_limit(device_id))
-    operands = [x for x in (q, k, v, g) if x is not None]
-    lead = cs._broadcast_lead(operands)
-    if not ENABLED or plan is None or T == 0 or lead is None or len(lead) > 3:
+    qr, kr, vr, gr, gvr, sr = call.refs
+    if not ENABLED or gvr is not None or (gr is not None and gr.shape[-1] != 1):
         return None
-    if g is not None and g.shape[-1] != 1:
+    T, Dk, Dv = qr.shape[-2], qr.shape[-1], vr.shape[-1]
+    plan = _chunk_plan(call.dtype, Dk, Dv, _shared_limit(call.device))
+    present = [r for r in call.refs if r is not None]
+    lead = cs.broadcast_lead(tuple(r.shape for r in present)) if all(len(r.shape) >= 2 for r in present) else None
+    if plan is None or T == 0 or lead is None or len(lead) > 3:
         return None
-    ops = [cs._operand(cp, x) for x in operands]
-    o = data.empty((*lead, T, Dv))
-    oo = cs._operand(cp, o)
-    # Rows on 16 bytes (8 elements) for cp.async; the gate is read a value at a time.
-    if cs._vector_width([*ops[:3], oo], 8, 8) != 8:
+    qo, ko, vo, go = (cs.operand(r) for r in (qr, kr, vr, gr))
+    # Rows on 16 bytes (8 elements) for cp.async; the gate is read a value at a time. The
+    # output is new and contiguous with Dv % 8 == 0, so its rows are aligned too.
+    if cs._vector_width([qo, ko, vo], 2, 8, 8) != 8:
         return None
-    qo, ko, vo = ops[:3]
-    go = ops[3] if g is not None else None
     lead3 = (1,) * (3 - len(lead)) + lead
     n_lead = math.prod(lead3)
     col_blocks = math.ceil(Dv / plan.columns)
-    P = _segments(n_lead * col_blocks, T, plan, device_id)
+    P = _segments(n_lead * col_blocks, T, plan, call.device)
     L = _CHUNK * math.ceil(math.ceil(T / P) / _CHUNK)
     P = math.ceil(T / L)
+    o, o_ptr = call.empty((*lead, T, Dv))
+    oo = cs.Operand(o_ptr, cs._lead_strides((*lead, T, Dv), cs._contiguous(lead, T, Dv)), Dv)
     defines = {"DKP": plan.dkp, "VB": plan.vb, "GROUPS": plan.groups, "WM": plan.wm,
-               "ELEM_HALF": int(data.dtype == "float16"), "GATED": int(g is not None), "SPLIT": int(SPLIT)}
+               "ELEM_HALF": int(call.dtype == "float16"), "GATED": int(go is not None), "SPLIT": int(SPLIT)}
+    run = call.launcher()
 
-    def run(write_o: bool, s_in: Any, s_in_strides: tuple, segments: int) -> Any:
-        s_out = cp.empty((n_lead, segments, Dk, Dv), dtype=np.float32)
-        kernel = _kernel(tuple(sorted({**defines, "HAS_SIN": int(s_in is not None), "WRITE_O": int(write_o)}.items())),
-                         plan.shared_bytes)
-        i64 = np.int64
-        args = [qo.array, ko.array, vo.array, (go or qo).array, s_out if s_in is None else s_in, o, s_out,
-                i64(T), np.int32(Dk), np.int32(Dv), i64(lead3[1]), i64(lead3[2]), i64(L if segments > 1 else T),
-                np.int32(col_blocks), *cs._strides(qo), *cs._strides(ko), *cs._strides(vo), *cs._strides(oo),
-                *cs._strides(go), *(i64(s) for s in s_in_strides)]
-        kernel((n_lead * col_blocks, segments, 1), (plan.threads,), tuple(args), shared_mem=plan.shared_bytes)
-        return s_out
+    def scan(write_o: bool, s_in: int, s_in_strides: list[int], segments: int) -> tuple[Any, int]:
+        s_out, s_out_ptr = call.empty((n_lead, segments, Dk, Dv), "float32")
+        args = [qo.ptr, ko.ptr, vo.ptr, (go or qo).ptr, s_in or s_out_ptr, o_ptr, s_out_ptr,
+                T, Dk, Dv, lead3[1], lead3[2], L if segments > 1 else T, col_blocks,
+                *qo.strides, *ko.strides, *vo.strides, *oo.strides, *cs._strides(go), *s_in_strides]
+        run("chunk_mma.cu", "chunk_linear_scan", {**defines, "HAS_SIN": int(s_in != 0), "WRITE_O": int(write_o)},
+            (n_lead * col_blocks, segments, 1), plan.threads, args, plan.shared_bytes)
+        return s_out, s_out_ptr
 
     if P == 1:
-        s_in, strides = (None, (0,) * 6) if state0 is None else cs._state_in(state0)
-        s_out = run(True, s_in, strides, 1)
+        s_out, _ = scan(True, *cs.state_in(sr), 1)
     else:
-        local = run(False, None, (0,) * 6, P)  # each segment's own state, from zero
-        gate = None if g is None else data.values(g)
-        entering, last = cs._prefix(cp, local, state0, gate, None, lead, Dk, Dv, P, L, np.float32)
+        _local, local_ptr = scan(False, 0, [0] * 6, P)  # each segment's own state, from zero (held till queued)
+        _entering, s_out, entering_ptr = cs.join_segments(call, run, local_ptr, [(go, 1), (None, 0)], lead3, T, Dk,
+                                                          Dv, P, L)
         per_lead = Dk * Dv * P
-        run(True, entering, (per_lead * lead3[1] * lead3[2], per_lead * lead3[2], per_lead, Dk * Dv, Dv, 1), P)
-        s_out = last[:, None]
-    state_lead = cs._broadcast_lead([x for x in (k, v, g, state0) if x is not None])
-    return data.back(o, data=True), data.back(cs._final_state(s_out, lead3, state_lead, Dk, Dv), data=False)
+        scan(True, entering_ptr, [per_lead * lead3[1] * lead3[2], per_lead * lead3[2], per_lead, Dk * Dv, Dv, 1], P)
+    state_lead = cs.broadcast_lead(tuple(r.shape for r in (kr, vr, gr, sr) if r is not None))
+    return o, cs.final_state(s_out, lead3, state_lead, Dk, Dv)

@@ -1,14 +1,16 @@
 """The CuPy backend: the reference code on CuPy arrays, with CUDA kernels for the causal scans.
 
-The kernels (``cuda/scan.cu``, compiled on first use by CuPy's ``RawModule``) replace the
-chunked form of :func:`linattn.scan.causal_scan` and :func:`linattn.delta_scan.delta_scan`;
+The kernels (``cuda/*.cu``: tensor-core and CUDA-core scans, compiled on first use by
+CuPy's ``RawModule``) replace the chunked form of :func:`linattn.scan.causal_scan` and
+:func:`linattn.delta_scan.delta_scan`;
 everything else — feature maps, gates, gradients — is the reference code running on CuPy.
 CuPy is imported only when a kernel runs, so this module loads without it.
 
-PyTorch tensors are accepted too: CUDA tensors reach the kernels through DLPack without a
-copy — bfloat16 ones as their bit patterns, since CuPy has no bfloat16 — and results come
-back as tensors of the inputs' dtype; anything a kernel does not cover (CPU tensors, other
-forms) runs the reference code on PyTorch.
+PyTorch tensors are accepted too: CUDA tensors reach the kernels as pointers without a
+copy (``_cuda_launch``) — bfloat16 ones included, which CuPy cannot hold — and results
+are tensors of the inputs' dtype, allocated by PyTorch and computed on its current
+stream; anything a kernel does not cover (CPU tensors, other forms) runs the reference
+code on PyTorch.
 """
 
 from __future__ import annotations

@@ -315,3 +315,43 @@ def test_bfloat16_torch_tensors_round_trip_without_float32_copies(cp: Any) -> No
                                gk=g.double().cpu().numpy().transpose(0, 2, 1)[..., None])
     _check(o.float().cpu().numpy(), want, "bfloat16", T * D, "bf16 outputs")
     _check(s.cpu().numpy(), want_s, "float32", T * D, "bf16 run's final state")
+
+
+def _torch_with_cuda() -> Any:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA device")
+    return torch
+
+
+@pytest.mark.parametrize("gates", ["none", "step", "key"])
+def test_torch_tensors_run_on_the_callers_stream(cp: Any, gates: str) -> None:
+    """Inputs made on a side stream behind a long GPU sleep: the kernels must run on that stream.
+
+    Had they run on another stream they would read the inputs before they are written.
+    The operands also cover the conversions a launch makes in the caller's library: a
+    strided last axis (q) and one float32 operand among float16 ones (promoted: the
+    CUDA-core kernel then reads all in float32).
+    """
+    torch = _torch_with_cuda()
+    p = {"lead_q": (2, 3, 1), "lead_kv": (2, 3, 1), "T": 700, "Dk": 64, "Dv": 64, "gates": gates,
+         "regime": "mild", "initial": True, "dtype": "float16", "seed": 11}
+    host = _linear_inputs(p)
+    o_ref, s_ref = causal_scan(**host)
+    base = {name: None if x is None else torch.tensor(x, device="cuda").to(
+        torch.float32 if name == "initial_state" else torch.float16) for name, x in host.items()}
+    wide = torch.tensor(np.repeat(host["q"], 2, axis=-1), dtype=torch.float16, device="cuda")
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the inputs exist
+        dev = {name: None if x is None else x * 1 for name, x in base.items()}  # written on the side stream
+        dev["q"] = (wide * 1)[..., ::2]  # last-axis stride 2
+        o, s = causal_scan(**dev, backend="cupy")
+        o_short, _ = causal_scan(**{**dev, "v": dev["v"].float()}, backend="cupy")  # promoted to float32
+    side.synchronize()
+    n = p["T"] * p["Dk"]
+    _check(o.double().cpu().numpy(), o_ref, "float16", n, "outputs")
+    _check(s.double().cpu().numpy(), s_ref, "float32", n, "final state")
+    assert o_short.dtype == torch.float32
+    _check(o_short.double().cpu().numpy(), o_ref, "float32", n, "outputs of the promoted call")
