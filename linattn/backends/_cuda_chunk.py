@@ -60,11 +60,15 @@ class _ChunkPlan:
 
 
 def _shared_bytes(dkp: int, columns: int, groups: int) -> int:
-    """The kernel's shared memory: q, k, v tiles twice, the state (hi, lo), the output tile, gates."""
+    """The kernel's shared memory: q, k, v tiles twice, the state (hi, lo), the output tile, gates.
+
+    The gates: two chunks of log-gates (float32), and per warp the chunk's cumulative
+    log-gates (float64) with their row and key decay factors (float32 each).
+    """
     qk, vs = dkp + 8, columns + 8
     elements = 4 * _CHUNK * qk + 2 * _CHUNK * vs + 2 * dkp * vs + _CHUNK * vs
     warps = _GROUP_WARPS * groups
-    return 2 * elements + 4 * 2 * _CHUNK + 8 * warps * _CHUNK + 4 * warps
+    return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4) * warps * _CHUNK + 4 * warps
 
 
 @functools.cache

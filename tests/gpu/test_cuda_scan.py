@@ -111,8 +111,9 @@ def _long_problem(cp: Any, T: int, dtype: str = "float32", gates: str = "key") -
     p = {"lead_q": (1, 1, 1), "lead_kv": (1, 1, 1), "T": T, "Dk": 64, "Dv": 64, "gates": gates,
          "regime": "mild", "initial": True, "dtype": dtype, "seed": 3}
     host = _linear_inputs(p)
-    if host["gk"] is not None:
-        host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
+    for name in ("gk", "gv"):
+        if host[name] is not None:
+            host[name] = host[name] / 64  # a slow decay, so that early steps still matter at the end
     return host, _to_device(cp, host, dtype)
 
 
@@ -264,10 +265,12 @@ def test_vjp_through_the_kernels_matches_the_reference(cp: Any, gates: str) -> N
 
 
 @pytest.mark.usefixtures("nan_memory")
-def test_time_segments_match_the_reference(cp: Any) -> None:
+@pytest.mark.parametrize("gates", ["key", "value", "key+value", "step"])
+def test_time_segments_match_the_reference(cp: Any, gates: str) -> None:
+    """The CUDA-core three-pass path; the middle pass sums each gate kind over a segment (cuda/segments.cu)."""
     from linattn.backends import _cuda_scan
 
-    host, dev = _long_problem(cp, 3001)
+    host, dev = _long_problem(cp, 3001, gates=gates)
     assert _cuda_scan._segments(2, 3001, cp.cuda.Device().id) > 1  # this problem takes the three-pass path
     o_ref, s_ref = causal_scan(**host)
     o, s = causal_scan(**dev, backend="cupy")

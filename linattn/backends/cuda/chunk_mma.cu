@@ -150,7 +150,9 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
     ELEM* so = slo + DKP * VS;                              // [CH][VS]   outputs, staged for 16-byte stores
     float* sg = reinterpret_cast<float*>(so + CH * VS);     // [2][CH]    log-gates
     double* sG = reinterpret_cast<double*>(sg + 2 * CH);   // [NWARPS][CH] in-chunk cumulative log-gates
-    [[maybe_unused]] float* sred = reinterpret_cast<float*>(sG + NWARPS * CH);  // [NWARPS] per-warp max |S|
+    [[maybe_unused]] float* sE = reinterpret_cast<float*>(sG + NWARPS * CH);  // [NWARPS][CH] e^{G_i}
+    [[maybe_unused]] float* sW = sE + NWARPS * CH;          // [NWARPS][CH] e^{G_C - G_j}, the keys' decays
+    [[maybe_unused]] float* sred = sW + NWARPS * CH;        // [NWARPS] per-warp max |S|
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int c0 = (blockIdx.x % col_blocks) * VBB;
@@ -281,8 +283,14 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
             }
             double before = __shfl_up_sync(FULL, s, 1);
             if (lane == 0) before = 0.0;
-            G[2 * lane] = before + x0;
+            const double last = __shfl_sync(FULL, s, 31), g0 = before + x0;
+            G[2 * lane] = g0;
             G[2 * lane + 1] = s;
+            // The factors every thread needs once per chunk, computed once per warp.
+            sE[warp * CH + 2 * lane] = expf((float)g0);
+            sE[warp * CH + 2 * lane + 1] = expf((float)s);
+            sW[warp * CH + 2 * lane] = expf((float)(last - g0));
+            sW[warp * CH + 2 * lane + 1] = expf((float)(last - s));
             __syncwarp();
         }
 #endif
@@ -363,7 +371,7 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
         for (int h = 0; h < 2; ++h) {
             float f = score_scale / state_scale;
 #if GATED
-            f *= expf((float)G[row0 + gid + h * 8]);
+            f *= sE[warp * CH + row0 + gid + h * 8];
 #endif
 #pragma unroll
             for (int t = 0; t < ONT; ++t) {
@@ -441,9 +449,8 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
             u32 al[MT][4];
 #endif
 #if GATED
-            const int j = kk * 16 + 2 * tig;
-            const float w[4] = {expf((float)(g_last - G[j])), expf((float)(g_last - G[j + 1])),
-                                expf((float)(g_last - G[j + 8])), expf((float)(g_last - G[j + 9]))};
+            const float* wj = sW + warp * CH + kk * 16 + 2 * tig;
+            const float w[4] = {wj[0], wj[1], wj[8], wj[9]};
 #endif
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
