@@ -137,7 +137,7 @@ def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:
     L = _CHUNK * math.ceil(math.ceil(T / P) / _CHUNK)
     P = math.ceil(T / L)
     o, o_ptr = call.empty((*lead, T, Dv))
-    oo = cs.Operand(o_ptr, cs._lead_strides((*lead, T, Dv), cs._contiguous(lead, T, Dv)), Dv)
+    oo = cs.output_operand(o_ptr, lead, T, Dv)
     defines = {"DKP": plan.dkp, "VB": plan.vb, "GROUPS": plan.groups, "WM": plan.wm,
                "ELEM_HALF": int(call.dtype == "float16"), "GATED": int(go is not None), "SPLIT": int(SPLIT)}
     run = call.launcher()

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-# The dtypes the kernels read, and the one they accumulate in.
-DTYPES = ("float16", "bfloat16", "float32", "float64")
+# The dtypes the kernels read.
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 

@@ -328,7 +328,7 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any) -> tuple[
 
     qo, ko, vo, gko, gvo = (operand(r) for r in call.refs[:5])
     o, o_ptr = call.empty((*lay.lead, T, Dv))
-    oo = Operand(o_ptr, _lead_strides((*lay.lead, T, Dv), _contiguous(lay.lead, T, Dv)), Dv)
+    oo = output_operand(o_ptr, lay.lead, T, Dv)
     defines = {**lay.defines, "GK_MODE": gk_mode, "HAS_GV": int(gvr is not None),
                "VW": _vector_width([qo, ko, gko if gk_mode == 2 else None], itemsize, Dk, lay.plan.kpt),
                "VWC": _vector_width([vo, gvo], itemsize, Dv, lay.plan.vb)}
@@ -354,12 +354,12 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any) -> tuple[
     return o, final_state(s_out, lead3, lay.state_lead, Dk, Dv)
 
 
-def _contiguous(lead: tuple[int, ...], T: int, D: int) -> tuple[int, ...]:
-    """Element strides of a C-contiguous (*lead, T, D) array."""
+def output_operand(ptr: int, lead: tuple[int, ...], T: int, D: int) -> Operand:
+    """The operand of a new C-contiguous (*lead, T, D) output at ``ptr``."""
     strides = [D, 1]
     for n in reversed((*lead, T)[1:]):
         strides.insert(0, strides[0] * n)
-    return tuple(strides)
+    return Operand(ptr, _lead_strides((*lead, T, D), tuple(strides)), D)
 
 
 def delta_scan(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any) -> tuple[Any, Any] | None:
@@ -374,7 +374,7 @@ def delta_scan(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any) -> tuple[
     itemsize = cl.itemsize(call.dtype)
     qo, ko, vo, bo, go = (operand(r) for r in call.refs[:5])
     o, o_ptr = call.empty((*lay.lead, lay.T, lay.Dv))
-    oo = Operand(o_ptr, _lead_strides((*lay.lead, lay.T, lay.Dv), _contiguous(lay.lead, lay.T, lay.Dv)), lay.Dv)
+    oo = output_operand(o_ptr, lay.lead, lay.T, lay.Dv)
     s_in, s_in_strides = state_in(call.refs[-1])
     s_out, s_out_ptr = call.empty((lay.n_lead, 1, lay.Dk, lay.Dv), call.accumulation)
     args = [qo.ptr, ko.ptr, vo.ptr, bo.ptr, (go or qo).ptr, s_in or s_out_ptr, o_ptr, s_out_ptr,
