@@ -34,7 +34,9 @@ and any leading dims, which broadcast: grouped-query heads are a size-1 axis on 
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,14 +325,20 @@ def _form_chunked(xp, q, k, v, gk, gv, state0, chunk_size):
 _FORMS = {"parallel": _form_parallel, "recurrent": _form_recurrent, "chunked": _form_chunked}
 
 
-def _runner(xp: Any, form: str, backend: str | Backend | None) -> Any:
+def _runner(xp: Any, form: str, backend: str | Backend | None, *, reversed_: bool = False) -> Any:
     """The function computing ``form``: the backend's kernel for the chunked form, where it has one.
 
     A kernel returns None for a call it does not cover, and the reference runs instead;
-    ``parallel`` and ``recurrent`` are definitions and always run the reference.
+    ``parallel`` and ``recurrent`` are definitions and always run the reference. With
+    ``reversed_`` the function scans from the last step to the first (see
+    :func:`_reverse_scan`): the backend's ``causal_scan_reversed`` kernel, or the reference
+    on time-reversed views.
     """
     reference = _FORMS[form]
-    kernel = resolve_backend(backend, xp).kernel("causal_scan") if form == "chunked" else None
+    if reversed_:
+        reference = functools.partial(_flipped, reference)
+    name = "causal_scan_reversed" if reversed_ else "causal_scan"
+    kernel = resolve_backend(backend, xp).kernel(name) if form == "chunked" else None
     if kernel is None:
         return reference
 
@@ -338,6 +346,14 @@ def _runner(xp: Any, form: str, backend: str | Backend | None) -> Any:
         result = kernel(q, k, v, gk, gv, state0)
         return reference(xp, q, k, v, gk, gv, state0, chunk_size) if result is None else result
     return run
+
+
+def _flipped(form: Any, xp: Any, *args: Any) -> tuple[Any, Any]:
+    """``form`` on the time-reversed inputs, its output flipped back: the scan from the last step."""
+    *arrays, state0, chunk_size = args
+    flip = lambda x: None if x is None else xp.flip(x, axis=-2)  # noqa: E731
+    o, last = form(xp, *(flip(x) for x in arrays), state0, chunk_size)
+    return flip(o), last
 
 
 def _check_form(form: str, chunk_size: int) -> int:
@@ -493,27 +509,26 @@ class ScanGradients:
     dinitial_state: Any
 
 
-def _reverse_gate(xp: Any, g: Any | None) -> Any | None:
-    """Gates of the time-reversed scan: g'_0 = 0, g'_τ = g_{T−τ}.
+def _next_gate(xp: Any, g: Any | None) -> Any | None:
+    """The gate of the step after each position, g'_t = g_{t+1}, and g'_{T−1} = 0.
 
-    In reversed time the decay between a later "key" t and an earlier "query" s must be
-    e^{G_t − G_s} = Π_{r=s+1..t} e^{g_r}: the gate of the step after each position.
+    The backward scans accumulate from the end: a later "key" t reaches an earlier
+    "query" s decayed by e^{G_t − G_s} = Π_{r=s+1..t} e^{g_r}, so stepping from s + 1
+    back to s applies the gate of step s + 1.
     """
     if g is None:
         return None
-    flipped = xp.flip(g, axis=-2)
-    zero = xp.zeros_like(flipped[..., :1, :])
-    return xp.concat([zero, flipped[..., :-1, :]], axis=-2)
+    zero = xp.zeros_like(g[..., :1, :])
+    return xp.concat([g[..., 1:, :], zero], axis=-2)
 
 
-def _reverse_scan(xp, a, b, c, ga, gc, state, run, chunk_size):
+def _reverse_scan(xp, a, b, c, ga, gc, state, run_reversed, chunk_size):
     """r_s = Σ_{t≥s} Σ_i a_si e^{Γ_ti − Γ_si} b_ti · c_tj e^{Λ_tj − Λ_sj} (+ the state X decayed to s).
 
+    ``run_reversed`` scans from the last step to the first (``_runner(..., reversed_=True)``).
     Returns r and the "final" state of the reversed scan, which is the sum at s = 0.
     """
-    flip = lambda x: None if x is None else xp.flip(x, axis=-2)  # noqa: E731
-    r, last = run(xp, flip(a), flip(b), flip(c), _reverse_gate(xp, ga), _reverse_gate(xp, gc), state, chunk_size)
-    return flip(r), last
+    return run_reversed(xp, a, b, c, _next_gate(xp, ga), _next_gate(xp, gc), state, chunk_size)
 
 
 def _total(xp: Any, g: Any | None, start: int) -> Any | None:
@@ -625,8 +640,9 @@ def causal_scan_vjp(
     # The backward scans run per query head when q and do carry a group axis that k and v
     # do not (GQA); the final-state cotangent belongs to the shared state, so it is added
     # once, outside them, rather than once per head.
-    dk, _ = _reverse_scan(xp, v, do, q, *swapped, None, run, chunk_size)
-    dv, start = _reverse_scan(xp, k, q, do, gk, gv, None, run, chunk_size)
+    run_reversed = _runner(xp, form, backend, reversed_=True)
+    dk, _ = _reverse_scan(xp, v, do, q, *swapped, None, run_reversed, chunk_size)
+    dv, start = _reverse_scan(xp, k, q, do, gk, gv, None, run_reversed, chunk_size)
     # dk, dv here are per query head when q, do carry a group axis; the final-state terms
     # below have the state's leading dims. Each is summed to its input's shape on its own
     # (and kept apart for the gate gradients, which need each head's own part).
@@ -636,8 +652,8 @@ def causal_scan_vjp(
         dv_parts.append(_reverse_state_readout(xp, k, gk, gv, dfinal_state))
         start = _sum_to_shape(xp, start, tuple(dfinal_state.shape))
         start = start + _decay_state(xp, dfinal_state, _total(xp, gk, 1), _total(xp, gv, 1))
-    dk = sum(_sum_to_shape(xp, part, tuple(k.shape)) for part in dk_parts)
-    dv = sum(_sum_to_shape(xp, part, tuple(v.shape)) for part in dv_parts)
+    dk = functools.reduce(operator.add, (_sum_to_shape(xp, part, tuple(k.shape)) for part in dk_parts))
+    dv = functools.reduce(operator.add, (_sum_to_shape(xp, part, tuple(v.shape)) for part in dv_parts))
 
     dinitial = None
     if initial_state is not None:

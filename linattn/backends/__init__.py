@@ -36,7 +36,16 @@ class Backend:
     accepts : callable
         ``accepts(xp) -> bool``: whether arrays of namespace ``xp`` run on this backend.
     kernels : mapping of str to callable, optional
-        Fast implementations of primitives, by primitive name.
+        Fast implementations of primitives, by primitive name. Each takes the chunked
+        form's arrays and returns its results, or None for a call it does not cover:
+
+        - ``"causal_scan"``: ``(q, k, v, gk, gv, state0) -> (o, final_state)``, the chunked
+          form of :func:`linattn.scan.causal_scan`;
+        - ``"causal_scan_reversed"``: the same scan run from the last step to the first,
+          S_t = diag(e^{gk_t}) S_{t+1} diag(e^{gv_t}) + k_t v_tᵀ from S_T = state0,
+          o_t = S_tᵀ q_t, returning (o, S_0) (the gradients' backward scans);
+        - ``"delta_scan"``: ``(q, k, v, beta, g, state0) -> (o, final_state)``, the chunked
+          form of :func:`linattn.delta_scan.delta_scan`.
     """
 
     name: str

@@ -63,12 +63,12 @@ def _shared_bytes(dkp: int, columns: int, groups: int) -> int:
     """The kernel's shared memory: q, k, v tiles twice, the state (hi, lo), the output tile, gates.
 
     The gates: two chunks of log-gates (float32), and per warp the chunk's cumulative
-    log-gates (float64) with their row and key decay factors (float32 each).
+    log-gates (float64) with their row, key and score decay factors (float32 each).
     """
     qk, vs = dkp + 8, columns + 8
     elements = 4 * _CHUNK * qk + 2 * _CHUNK * vs + 2 * dkp * vs + _CHUNK * vs
     warps = _GROUP_WARPS * groups
-    return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4) * warps * _CHUNK + 4 * warps
+    return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4 + 4) * warps * _CHUNK + 4 * warps
 
 
 @functools.cache
@@ -136,15 +136,14 @@ def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:
     P = _segments(n_lead * col_blocks, T, plan, call.device)
     L = _CHUNK * math.ceil(math.ceil(T / P) / _CHUNK)
     P = math.ceil(T / L)
-    o, o_ptr = call.empty((*lead, T, Dv))
-    oo = cs.output_operand(o_ptr, lead, T, Dv)
+    o, oo = call.output(lead, T, Dv)
     defines = {"DKP": plan.dkp, "VB": plan.vb, "GROUPS": plan.groups, "WM": plan.wm,
                "ELEM_HALF": int(call.dtype == "float16"), "GATED": int(go is not None), "SPLIT": int(SPLIT)}
     run = call.launcher()
 
     def scan(write_o: bool, s_in: int, s_in_strides: list[int], segments: int) -> tuple[Any, int]:
         s_out, s_out_ptr = call.empty((n_lead, segments, Dk, Dv), "float32")
-        args = [qo.ptr, ko.ptr, vo.ptr, (go or qo).ptr, s_in or s_out_ptr, o_ptr, s_out_ptr,
+        args = [qo.ptr, ko.ptr, vo.ptr, (go or qo).ptr, s_in or s_out_ptr, oo.ptr, s_out_ptr,
                 T, Dk, Dv, lead3[1], lead3[2], L if segments > 1 else T, col_blocks,
                 *qo.strides, *ko.strides, *vo.strides, *oo.strides, *cs._strides(go), *s_in_strides]
         run("chunk_mma.cu", "chunk_linear_scan", {**defines, "HAS_SIN": int(s_in != 0), "WRITE_O": int(write_o)},

@@ -91,22 +91,33 @@ def broadcast_lead(shapes: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | Non
         return None
 
 
+def reversed_in_time(ref: cl.Ref, itemsize: int) -> cl.Ref:
+    """The same operand read from its last step to its first: step T−1's address, the time stride negated."""
+    T, step = ref.shape[-2], ref.strides[-2]
+    return cl.Ref(ref.ptr + max(T - 1, 0) * step * itemsize, ref.shape, (*ref.strides[:-2], -step, ref.strides[-1]))
+
+
 class Call:
     """A call's operands as one dtype on one device, and where its results are allocated.
 
     The data arrays are read in their promoted dtype and the state in the accumulation
     dtype; an array already in that dtype with a contiguous last axis is used as it is
     (converting the rest happens in the caller's library). ``refs`` are the operands in
-    the order given, the state last.
+    the order given, the state last. With ``reverse`` the kernels walk time from the last
+    step to the first: every operand but the state, and the outputs of :meth:`output`,
+    are addressed from their last step with the time stride negated (no copy).
     """
 
-    def __init__(self, lib: Any, dtype: str, device: int, arrays: list[Any]):
-        self.lib, self.dtype, self.device = lib, dtype, device
+    def __init__(self, lib: Any, dtype: str, device: int, arrays: list[Any], reverse: bool = False):
+        self.lib, self.dtype, self.device, self.reverse = lib, dtype, device, reverse
         self.arrays = arrays  # held until the launch is queued
         self.refs = [None if x is None else lib.ref(x) for x in arrays]
+        if reverse:
+            size = cl.itemsize(dtype)
+            self.refs[:-1] = [None if r is None else reversed_in_time(r, size) for r in self.refs[:-1]]
 
     @classmethod
-    def of(cls, *arrays: Any, state: Any) -> Call | None:
+    def of(cls, *arrays: Any, state: Any, reverse: bool = False) -> Call | None:
         given = [x for x in (*arrays, state) if x is not None]
         lib = cl.library_of(given)
         if lib is None:
@@ -117,7 +128,7 @@ class Call:
         dtype = cl.promote(dtypes[: len(dtypes) - (state is not None)])
         converted = [None if x is None else lib.convert(x, dtype) for x in arrays]
         converted.append(None if state is None else lib.convert(state, cl.accumulation(dtype)))
-        return cls(lib, dtype, lib.device(given[0]), converted)
+        return cls(lib, dtype, lib.device(given[0]), converted, reverse)
 
     @property
     def accumulation(self) -> str:
@@ -127,6 +138,15 @@ class Call:
         """A new array (the data dtype unless given) and its address."""
         x = self.lib.empty(shape, dtype or self.dtype, self.device)
         return x, self.lib.ref(x).ptr
+
+    def output(self, lead: tuple[int, ...], T: int, D: int) -> tuple[Any, Operand]:
+        """A new C-contiguous (*lead, T, D) output in the data dtype, and its operand (reversed with the call)."""
+        x, ptr = self.empty((*lead, T, D))
+        strides = [D, 1]
+        for n in reversed((*lead, T)[1:]):
+            strides.insert(0, strides[0] * n)
+        ref = cl.Ref(ptr, (*lead, T, D), tuple(strides))
+        return x, operand(reversed_in_time(ref, cl.itemsize(self.dtype)) if self.reverse else ref)
 
     def launcher(self) -> Callable[..., None]:
         """``run(source, name, defines, grid, block, args, shared=0)`` on this call's device and stream."""
@@ -304,9 +324,14 @@ def _layout(call: Call, tiles: tuple[int, int], heavy: bool) -> _Layout | None:
     return _Layout(lead, (1,) * (3 - len(lead)) + lead, state_lead, T, Dk, Dv, plan, defines)
 
 
-def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any) -> tuple[Any, Any] | None:
-    """The causal linear scan on the GPU (see :func:`linattn.scan.causal_scan`), or None."""
-    call = Call.of(q, k, v, gk, gv, state=state0)
+def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any, *, reverse: bool = False
+                ) -> tuple[Any, Any] | None:
+    """The causal linear scan on the GPU (see :func:`linattn.scan.causal_scan`), or None.
+
+    With ``reverse`` the scan runs from the last step to the first (the backend's
+    ``causal_scan_reversed``), reading the operands in place.
+    """
+    call = Call.of(q, k, v, gk, gv, state=state0, reverse=reverse)
     if call is None:
         return None
     gkr, gvr = call.refs[3:5]
@@ -327,8 +352,7 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any) -> tuple[
     P = math.ceil(T / L)
 
     qo, ko, vo, gko, gvo = (operand(r) for r in call.refs[:5])
-    o, o_ptr = call.empty((*lay.lead, T, Dv))
-    oo = output_operand(o_ptr, lay.lead, T, Dv)
+    o, oo = call.output(lay.lead, T, Dv)
     defines = {**lay.defines, "GK_MODE": gk_mode, "HAS_GV": int(gvr is not None),
                "VW": _vector_width([qo, ko, gko if gk_mode == 2 else None], itemsize, Dk, lay.plan.kpt),
                "VWC": _vector_width([vo, gvo], itemsize, Dv, lay.plan.vb)}
@@ -336,7 +360,7 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any) -> tuple[
 
     def scan(write_o: bool, s_in: int, s_in_strides: list[int], segments: int) -> tuple[Any, int]:
         s_out, s_out_ptr = call.empty((n_lead, segments, Dk, Dv), acc)
-        args = [qo.ptr, ko.ptr, vo.ptr, (gko or qo).ptr, (gvo or qo).ptr, s_in or s_out_ptr, o_ptr, s_out_ptr,
+        args = [qo.ptr, ko.ptr, vo.ptr, (gko or qo).ptr, (gvo or qo).ptr, s_in or s_out_ptr, oo.ptr, s_out_ptr,
                 *_geometry(T, Dk, Dv, lead3, L if segments > 1 else T, [qo, ko, vo, oo], s_in_strides),
                 *_strides(gko), *_strides(gvo)]
         run("scan.cu", "linear_scan", {**defines, "HAS_SIN": int(s_in != 0), "WRITE_O": int(write_o)},
@@ -354,14 +378,6 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any) -> tuple[
     return o, final_state(s_out, lead3, lay.state_lead, Dk, Dv)
 
 
-def output_operand(ptr: int, lead: tuple[int, ...], T: int, D: int) -> Operand:
-    """The operand of a new C-contiguous (*lead, T, D) output at ``ptr``."""
-    strides = [D, 1]
-    for n in reversed((*lead, T)[1:]):
-        strides.insert(0, strides[0] * n)
-    return Operand(ptr, _lead_strides((*lead, T, D), tuple(strides)), D)
-
-
 def delta_scan(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any) -> tuple[Any, Any] | None:
     """The delta rule scan on the GPU (see :func:`linattn.delta_scan.delta_scan`), or None."""
     call = Call.of(q, k, v, beta, g, state=state0)
@@ -373,11 +389,10 @@ def delta_scan(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any) -> tuple[
         return None
     itemsize = cl.itemsize(call.dtype)
     qo, ko, vo, bo, go = (operand(r) for r in call.refs[:5])
-    o, o_ptr = call.empty((*lay.lead, lay.T, lay.Dv))
-    oo = output_operand(o_ptr, lay.lead, lay.T, lay.Dv)
+    o, oo = call.output(lay.lead, lay.T, lay.Dv)
     s_in, s_in_strides = state_in(call.refs[-1])
     s_out, s_out_ptr = call.empty((lay.n_lead, 1, lay.Dk, lay.Dv), call.accumulation)
-    args = [qo.ptr, ko.ptr, vo.ptr, bo.ptr, (go or qo).ptr, s_in or s_out_ptr, o_ptr, s_out_ptr,
+    args = [qo.ptr, ko.ptr, vo.ptr, bo.ptr, (go or qo).ptr, s_in or s_out_ptr, oo.ptr, s_out_ptr,
             *_geometry(lay.T, lay.Dk, lay.Dv, lay.lead3, lay.T, [qo, ko, vo, oo], s_in_strides),
             *_strides(bo), *_strides(go)]
     defines = {**lay.defines, "DELTA": 1, "BETA_MODE": beta_mode, "HAS_G": int(go is not None),

@@ -1,7 +1,8 @@
 """The CuPy backend: the reference code on CuPy arrays, with CUDA kernels for the causal scans.
 
 The kernels (``cuda/*.cu``: tensor-core and CUDA-core scans, compiled on first use by
-CuPy's ``RawModule``) replace the chunked form of :func:`linattn.scan.causal_scan` and
+CuPy's ``RawModule``) replace the chunked form of :func:`linattn.scan.causal_scan` (and
+of its time-reversed scan, which the gradients run) and
 :func:`linattn.delta_scan.delta_scan`;
 everything else — feature maps, gates, gradients — is the reference code running on CuPy.
 CuPy is imported only when a kernel runs, so this module loads without it.
@@ -15,6 +16,8 @@ code on PyTorch.
 
 from __future__ import annotations
 
+import functools
+
 import array_api_compat
 
 from linattn.backends import _cuda_scan
@@ -22,5 +25,9 @@ from linattn.backends import _cuda_scan
 CUPY_BACKEND = {
     "name": "cupy",
     "accepts": lambda xp: array_api_compat.is_cupy_namespace(xp) or array_api_compat.is_torch_namespace(xp),
-    "kernels": {"causal_scan": _cuda_scan.linear_scan, "delta_scan": _cuda_scan.delta_scan},
+    "kernels": {
+        "causal_scan": _cuda_scan.linear_scan,
+        "causal_scan_reversed": functools.partial(_cuda_scan.linear_scan, reverse=True),
+        "delta_scan": _cuda_scan.delta_scan,
+    },
 }

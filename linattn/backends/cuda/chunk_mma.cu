@@ -152,7 +152,8 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
     double* sG = reinterpret_cast<double*>(sg + 2 * CH);   // [NWARPS][CH] in-chunk cumulative log-gates
     [[maybe_unused]] float* sE = reinterpret_cast<float*>(sG + NWARPS * CH);  // [NWARPS][CH] e^{G_i}
     [[maybe_unused]] float* sW = sE + NWARPS * CH;          // [NWARPS][CH] e^{G_C - G_j}, the keys' decays
-    [[maybe_unused]] float* sred = sW + NWARPS * CH;        // [NWARPS] per-warp max |S|
+    [[maybe_unused]] float* sC = sW + NWARPS * CH;          // [NWARPS][CH] e^{±(G_j - G_r)}, the scores' factors
+    [[maybe_unused]] float* sred = sC + NWARPS * CH;        // [NWARPS] per-warp max |S|
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int c0 = (blockIdx.x % col_blocks) * VBB;
@@ -273,6 +274,7 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
         // G in float64: the decays are e^{G_i - G_j}, and a difference of two long float32
         // sums would lose the digits of a mild gate behind a strong one (G ~ -1e4).
         double* G = sG + warp * CH;  // each warp its own copy: no block barrier needed
+        [[maybe_unused]] bool factored;
         {
             const double x0 = sg[buf * CH + 2 * lane], x1 = sg[buf * CH + 2 * lane + 1];
             double s = x0 + x1;
@@ -291,6 +293,17 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
             sE[warp * CH + 2 * lane + 1] = expf((float)s);
             sW[warp * CH + 2 * lane] = expf((float)(last - g0));
             sW[warp * CH + 2 * lane + 1] = expf((float)(last - s));
+            // The score decays below the warp's diagonal block, e^{G_i - G_j} for j < r <= i
+            // (r = 16 gw, its first row), as a product e^{G_i - G_r} e^{G_r - G_j}: one factor
+            // per row and per column, C_j = e^{G_r - G_j} (j < r) or e^{G_j - G_r} (j >= r).
+            // Where no gate of the chunk is positive both factors are <= 1, so neither
+            // overflows, and one underflows only where the product does.
+#if WRITE_O
+            const double g_r = __shfl_sync(FULL, g0, 8 * gw);
+            factored = __all_sync(FULL, x0 <= 0.0 && x1 <= 0.0);
+            sC[warp * CH + 2 * lane] = expf((float)(2 * lane < 16 * gw ? g_r - g0 : g0 - g_r));
+            sC[warp * CH + 2 * lane + 1] = expf((float)(2 * lane + 1 < 16 * gw ? g_r - s : s - g_r));
+#endif
             __syncwarp();
         }
 #endif
@@ -319,12 +332,22 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
         }
         // Causal mask (on the diagonal column pair t/2 = gw) and decay e^{G_i - G_j} (for t/2 <= gw;
         // the tiles past the diagonal were never computed and hold zeros).
+#if GATED
+        const float* C = sC + warp * CH;
+        const float row_factor[2] = {C[row0 + gid], C[row0 + gid + 8]};
+#endif
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
-            if (t / 2 > gw || (!GATED && t / 2 < gw)) continue;
+            if (t / 2 > gw) continue;
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = row0 + gid + (e >> 1) * 8, j = t * 8 + 2 * tig + (e & 1);
+                if (t / 2 < gw) {  // below the diagonal block: j < i
+#if GATED
+                    sc[t][e] *= factored ? row_factor[e >> 1] * C[j] : expf((float)(G[i] - G[j]));
+#endif
+                    continue;
+                }
                 float x = j <= i ? sc[t][e] : 0.f;
 #if GATED
                 if (j <= i) x *= expf((float)(G[i] - G[j]));
