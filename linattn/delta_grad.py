@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat
+
 from linattn import _checks
-from linattn.delta_scan import _check, _columns, _delta_step, _expand, _initial_state, _uncolumns
+from linattn.backends import Backend, resolve_backend
+from linattn.delta_scan import _check, _columns, _delta_step, _expand, _initial_state, _lead, _uncolumns
 from linattn.scan import _sum_to_shape
 
 __all__ = ["DeltaScanGradients", "delta_scan_vjp"]
@@ -46,7 +49,7 @@ def _vjp(xp, q, k, v, beta, g, S0, do, dS, every):
     """Reverse-mode through the loop, one step at a time from the last (see delta_scan_vjp)."""
     S0 = _initial_state(xp, q, k, v, beta, g, S0)
     T = int(q.shape[-2])
-    dS = xp.zeros_like(S0) if dS is None else xp.broadcast_to(dS, tuple(S0.shape))
+    dS = xp.zeros_like(S0) if dS is None else dS + xp.zeros_like(S0)  # at least the state's shape
     grads: dict[str, list[Any]] = {"q": [], "k": [], "v": [], "beta": [], "g": []}
     checkpoints = _checkpoints(xp, k, v, beta, g, S0, every)
     for c in reversed(range(len(checkpoints))):
@@ -83,8 +86,29 @@ def _vjp(xp, q, k, v, beta, g, S0, do, dS, every):
     return (collect("q", q), collect("k", k), collect("v", v), collect("beta", beta), collect("g", g), dS)
 
 
+def _cotangent_once(xp: Any, q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any, do: Any, dS: Any) -> Any:
+    """dS_T over the leading dims of q and do too, zero but at the first index of the axes only they have.
+
+    The reverse loop runs once per index of those axes (GQA's query groups), each on its
+    own copy of the state; the state's cotangent enters one copy only, or the sum over
+    the copies would count it once per group.
+    """
+    if dS is None:
+        return None
+    own, full = _lead(xp, k, v, beta, g, state0, dS), _lead(xp, q, do, k, v, beta, g, state0, dS)
+    if own == full:
+        return dS
+    own = (1,) * (len(full) - len(own)) + own
+    shape = (*own, int(k.shape[-1]), int(v.shape[-1]))
+    once = xp.zeros((*full, *shape[-2:]), dtype=dS.dtype, device=array_api_compat.device(dS))
+    once[tuple(slice(None) if n == m else slice(0, 1) for n, m in zip(own, full, strict=True))] = xp.broadcast_to(
+        dS, shape)
+    return once
+
+
 def delta_scan_vjp(q: Any, k: Any, v: Any, beta: Any, do: Any, *, g: Any = None, initial_state: Any = None,
-                   dfinal_state: Any = None, chunk_size: int = 64) -> DeltaScanGradients:
+                   dfinal_state: Any = None, chunk_size: int = 64,
+                   backend: str | Backend | None = None) -> DeltaScanGradients:
     r"""Gradients of :func:`delta_scan`, by the reverse-mode recurrence (the reference).
 
     Walking t from T − 1 down to 0 with the cotangent dS of S_t (dS_T = ``dfinal_state``),
@@ -116,6 +140,11 @@ def delta_scan_vjp(q: Any, k: Any, v: Any, beta: Any, do: Any, *, g: Any = None,
         Cotangent of the final state; None is zero.
     chunk_size : int, default 64
         Steps between the saved states.
+    backend : str, optional
+        ``"numpy"``, ``"cupy"`` or ``"reference"``; None follows the inputs. On the
+        ``"cupy"`` backend the gradients run CUDA kernels (``cuda/delta_grad.cu``: the
+        same recurrence, walked backwards once and forwards twice, in float32 for
+        half and float32 data), and dinitial_state comes back in float32 for half data.
 
     Returns
     -------
@@ -140,6 +169,13 @@ def delta_scan_vjp(q: Any, k: Any, v: Any, beta: Any, do: Any, *, g: Any = None,
     xp = _checks.namespace_of(q=q, k=k, v=v, beta=beta, do=do, g=g, initial_state=initial_state,
                               dfinal_state=dfinal_state)
     chunk_size = _check(xp, q, k, v, beta, g, "recurrent", chunk_size)
+    dfinal_state = _cotangent_once(xp, q, k, v, beta, g, initial_state, do, dfinal_state)
+    kernel = resolve_backend(backend, xp).kernel("delta_scan_vjp")
+    result = None if kernel is None else kernel(q, k, v, beta, g, initial_state, do, dfinal_state)
+    if result is not None:
+        shaped = [None if x is None or like is None else _sum_to_shape(xp, x, tuple(like.shape))
+                  for x, like in zip(result, (q, k, v, beta, g, initial_state), strict=True)]
+        return DeltaScanGradients(*shaped)
     if beta.shape[-1] == 1:
         dq, dk, dv, dbeta, dg, dS = _vjp(xp, q, k, v, beta, g, initial_state, do, dfinal_state, chunk_size)
     else:

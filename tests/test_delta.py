@@ -526,6 +526,38 @@ def test_scan_vjp_equals_central_differences_with_gates_at_zero(p, chunk, with_d
         assert_within(got[name], expected[name], fd_atol(max(loss_size, 1.0), p.T), f"d{name} chunk={chunk}")
 
 
+@pytest.mark.parametrize("beta_width", [1, 3])
+def test_scan_vjp_counts_the_final_state_cotangent_once_under_gqa(beta_width):
+    """q and do with a group axis that the state lacks (GQA): dS_T enters one copy of the state.
+
+    (It once entered every group's reverse loop, so dk, dv, dbeta, dg and dS_0 counted it
+    once per group.)
+    """
+    rng = np.random.default_rng(4)
+    T, Dk, Dv, G = 4, 2, 3, 2
+    k = rng.standard_normal((2, 1, T, Dk)) / 2
+    inputs = {"k": k, "v": rng.standard_normal((2, 1, T, Dv)), "beta": rng.uniform(0, 1, (2, 1, T, beta_width)),
+              "g": -rng.uniform(0, 1, (2, 1, T, 1)), "state": rng.standard_normal((2, 1, Dk, Dv))}
+    q = rng.standard_normal((2, G, T, Dk))
+    do, ds = rng.standard_normal((2, G, T, Dv)), rng.standard_normal((2, 1, Dk, Dv))
+    names = list(inputs)
+
+    def outputs(*arrays):
+        x = dict(zip(names, arrays, strict=True))
+        o, s = delta_scan(q, x["k"], x["v"], x["beta"], g=x["g"], initial_state=x["state"], form="recurrent")
+        return np.concatenate([o.ravel(), s.ravel()])
+
+    cotangent = np.concatenate([do.ravel(), ds.ravel()])
+    expected = dict(zip(names, numerical_vjp(outputs, list(inputs.values()), cotangent, step=FD_STEP), strict=True))
+    grads = delta_scan_vjp(q, inputs["k"], inputs["v"], inputs["beta"], do, g=inputs["g"],
+                           initial_state=inputs["state"], dfinal_state=ds)
+    got = {"k": grads.dk, "v": grads.dv, "beta": grads.dbeta, "g": grads.dg, "state": grads.dinitial_state}
+    # |o|, |S| stay below a few units here (|k| < 2, beta < 1, decaying gates, T = 4).
+    loss_size = float(np.abs(do).sum() + np.abs(ds).sum()) * 10
+    for name in names:
+        assert_within(got[name], expected[name], fd_atol(loss_size, T), f"d{name}")
+
+
 # ---------------------------------------------------------------------------------------- extremes
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 import triton.testing
 
+from linattn.delta_grad import delta_scan_vjp
 from linattn.delta_scan import delta_scan
 from linattn.scan import causal_scan, causal_scan_vjp
 
@@ -115,8 +116,16 @@ def ours(op: str, x: dict[str, torch.Tensor]) -> Any:
 
 def ours_fwd_bwd(op: str, x: dict[str, torch.Tensor]) -> Any:
     q, k, v = heads_first(x["q"], x["k"], x["v"])
-    gk = heads_first(x["g"])[0] if op == "simple_gla" else None
     do = torch.randn_like(q[..., : v.shape[-1]])
+    if op in ("delta", "gated_delta"):
+        kn, beta, g = heads_first(x["kn"], x["beta"], x["g"])
+        g = g if op == "gated_delta" else None
+
+        def run_delta() -> Any:
+            delta_scan(q, kn, v, beta, g=g, backend="cupy")
+            return delta_scan_vjp(q, kn, v, beta, do, g=g, backend="cupy")
+        return run_delta
+    gk = heads_first(x["g"])[0] if op == "simple_gla" else None
 
     def run() -> Any:
         causal_scan(q, k, v, gk=gk, backend="cupy")
@@ -219,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             if "linear" in args.ops and dname == "fp32":
                 timed("fla fused_recurrent", fla("linear", x, "fused_recurrent"), op="linear", mode="fwd", **common)
             timed("torch sdpa", sdpa(x), op="softmax", mode="fwd", **common)
-            for op in ("linear", "simple_gla"):
+            for op in ("linear", "simple_gla", "delta", "gated_delta"):
                 if op in args.ops and dname in ("bf16", "fp32") and "fwd+bwd" in args.modes:
                     timed("linattn", ours_fwd_bwd(op, x), op=op, mode="fwd+bwd", **common)
                     timed("fla chunk", fla_fwd_bwd(op, x), op=op, mode="fwd+bwd", **common)

@@ -45,7 +45,10 @@ class Backend:
           S_t = diag(e^{gk_t}) S_{t+1} diag(e^{gv_t}) + k_t v_tᵀ from S_T = state0,
           o_t = S_tᵀ q_t, returning (o, S_0) (the gradients' backward scans);
         - ``"delta_scan"``: ``(q, k, v, beta, g, state0) -> (o, final_state)``, the chunked
-          form of :func:`linattn.delta_scan.delta_scan`.
+          form of :func:`linattn.delta_scan.delta_scan`;
+        - ``"delta_scan_vjp"``: ``(q, k, v, beta, g, state0, do, dfinal_state) ->
+          (dq, dk, dv, dbeta, dg, dstate0)`` over the inputs' broadcast leading axes, the
+          gradients of :func:`linattn.delta_grad.delta_scan_vjp`.
     """
 
     name: str

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +53,13 @@ def cupy() -> Any:
 
 @functools.cache
 def _source(name: str) -> str:
-    return resources.files("linattn.backends").joinpath("cuda", name).read_text()
+    """``cuda/<name>`` with its local headers (``#include "x.cuh"``) inlined.
+
+    Inlined rather than found by ``-I``: CuPy's compile cache is keyed by the source
+    text, so a changed header must change the text.
+    """
+    text = resources.files("linattn.backends").joinpath("cuda", name).read_text()
+    return re.sub(r'^#include "([\w.]+)"$', lambda m: _source(m.group(1)), text, flags=re.MULTILINE)
 
 
 @functools.cache

@@ -175,12 +175,14 @@ class _Plan:
 
 
 @functools.cache
-def _plan(Dk: int, Dv: int, dtype: str, tiles: tuple[int, int], heavy: bool) -> _Plan | None:
+def _plan(Dk: int, Dv: int, dtype: str, tiles: tuple[int, int], heavy: bool, whole_warps: bool = False
+          ) -> _Plan | None:
     """The kernel's shape for these sizes, or None when the kernel does not cover them.
 
     ``tiles`` counts the tiles staged per step: (rows, columns) — q, k and a per-key
     decay are (TC, Dk) rows; v, the output and per-value operands (TC, VB) columns.
     ``heavy``: an update that keeps more values live (see ``_STATE_REGISTERS``).
+    ``whole_warps``: threads in whole warps (for kernels that shuffle across column groups).
     """
     acc = cl.itemsize(cl.accumulation(dtype))
     nc = _COLUMNS if Dv >= _COLUMNS else 1
@@ -194,6 +196,9 @@ def _plan(Dk: int, Dv: int, dtype: str, tiles: tuple[int, int], heavy: bool) -> 
     groups = max(_TARGET_THREADS // ksplit, 1)  # column groups per block
     groups = min(groups, math.ceil(Dv / nc))  # no more than the columns need ...
     groups = max(groups, _MIN_THREADS // ksplit, 1)  # ... but at least a warp of threads
+    if whole_warps:
+        per_warp = max(32 // ksplit, 1)
+        groups = per_warp * math.ceil(groups / per_warp)
     vb = groups * nc
     rows, cols = tiles
     for tc in (32, 16, 8, 4, 2, 1):
@@ -304,7 +309,7 @@ class _Layout:
         return math.ceil(self.Dv / self.plan.vb)
 
 
-def _layout(call: Call, tiles: tuple[int, int], heavy: bool) -> _Layout | None:
+def _layout(call: Call, tiles: tuple[int, int], heavy: bool, whole_warps: bool = False) -> _Layout | None:
     """The layout of a call whose refs are (q, k, v, *per-step operands, state)."""
     refs = call.refs
     present = [r for r in refs if r is not None]
@@ -314,7 +319,7 @@ def _layout(call: Call, tiles: tuple[int, int], heavy: bool) -> _Layout | None:
     if lead is None or len(lead) > 3:
         return None
     T, Dk, Dv = refs[0].shape[-2], refs[0].shape[-1], refs[2].shape[-1]
-    plan = _plan(Dk, Dv, call.dtype, tiles, heavy)
+    plan = _plan(Dk, Dv, call.dtype, tiles, heavy, whole_warps)
     if plan is None or T == 0:
         return None
     acc = C_TYPES[call.accumulation]
@@ -383,21 +388,33 @@ def delta_scan(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any) -> tuple[
     call = Call.of(q, k, v, beta, g, state=state0)
     if call is None:
         return None
-    beta_mode = 1 if call.refs[3].shape[-1] == 1 else 2
-    lay = _layout(call, (2, 3 if beta_mode == 2 else 2), heavy=True)
+    lay = _layout(call, (2, 3 if call.refs[3].shape[-1] > 1 else 2), heavy=True)
     if lay is None:
         return None
+    o, s_out, _ = delta_forward(call, lay, write_o=True, write_r=False)
+    return o, final_state(s_out, lay.lead3, lay.state_lead, lay.Dk, lay.Dv)
+
+
+def delta_forward(call: Call, lay: _Layout, write_o: bool, write_r: bool) -> tuple[Any, Any, Any]:
+    """Queue ``scan.cu``'s delta rule on ``call``'s first five operands (q, k, v, beta, g) and its state.
+
+    Returns ``(o, s_out, r)``: the outputs (None unless ``write_o``), the final state
+    (n_lead, 1, Dk, Dv), and the residuals r_t = v_t − S̃_tᵀ k_t as (n_lead, T, Dv) in the
+    accumulation dtype (None unless ``write_r``).
+    """
     itemsize = cl.itemsize(call.dtype)
+    beta_mode = 1 if call.refs[3].shape[-1] == 1 else 2
     qo, ko, vo, bo, go = (operand(r) for r in call.refs[:5])
-    o, oo = call.output(lay.lead, lay.T, lay.Dv)
+    o, oo = call.output(lay.lead, lay.T, lay.Dv) if write_o else (None, Operand(0, (0, 0, 0), 0))
     s_in, s_in_strides = state_in(call.refs[-1])
     s_out, s_out_ptr = call.empty((lay.n_lead, 1, lay.Dk, lay.Dv), call.accumulation)
+    r, r_ptr = call.empty((lay.n_lead, lay.T, lay.Dv), call.accumulation) if write_r else (None, 0)
     args = [qo.ptr, ko.ptr, vo.ptr, bo.ptr, (go or qo).ptr, s_in or s_out_ptr, oo.ptr, s_out_ptr,
             *_geometry(lay.T, lay.Dk, lay.Dv, lay.lead3, lay.T, [qo, ko, vo, oo], s_in_strides),
-            *_strides(bo), *_strides(go)]
+            *_strides(bo), *_strides(go), r_ptr]
     defines = {**lay.defines, "DELTA": 1, "BETA_MODE": beta_mode, "HAS_G": int(go is not None),
-               "HAS_SIN": int(s_in != 0), "WRITE_O": 1,
+               "HAS_SIN": int(s_in != 0), "WRITE_O": int(write_o), "WRITE_R": int(write_r),
                "VW": _vector_width([qo, ko], itemsize, lay.Dk, lay.plan.kpt),
                "VWC": _vector_width([vo, bo if beta_mode == 2 else None], itemsize, lay.Dv, lay.plan.vb)}
     call.launcher()("scan.cu", "delta_scan", defines, (lay.n_lead, lay.col_blocks, 1), lay.plan.threads, args)
-    return o, final_state(s_out, lay.lead3, lay.state_lead, lay.Dk, lay.Dv)
+    return o, s_out, r

@@ -288,27 +288,100 @@ def delta_problems(draw: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.usefixtures("nan_memory")
-@GPU_SETTINGS
-@given(delta_problems())
-def test_delta_kernel_matches_the_reference(cp: Any, problem: dict[str, Any]) -> None:
+def _delta_inputs(problem: dict[str, Any], groups: int = 1) -> dict[str, Any]:
+    """A delta-rule problem; with ``groups`` > 1, q has a group axis that the state lacks (GQA)."""
     rng = np.random.default_rng(problem["seed"])
-    lead, T, Dk, Dv = problem["lead"], problem["T"], problem["Dk"], problem["Dv"]
+    lead, T, Dk, Dv = (*problem["lead"], 1), problem["T"], problem["Dk"], problem["Dv"]
     store = lambda x: x.astype(problem["dtype"]).astype(np.float64)  # noqa: E731
     k = rng.standard_normal((*lead, T, Dk))
-    host = {
-        "q": store(rng.standard_normal((*lead, T, Dk)) / np.sqrt(Dk)),
+    return {
+        "q": store(rng.standard_normal((*lead[:-1], groups, T, Dk)) / np.sqrt(Dk)),
         "k": store(k / np.linalg.norm(k, axis=-1, keepdims=True)),  # |k| = 1: the state cannot grow
         "v": store(rng.standard_normal((*lead, T, Dv))),
         "beta": store(rng.uniform(0, 1, (*lead, T, 1 if problem["beta"] == "step" else Dv))),
         "g": store(_log_gates(rng, (*lead, T, 1), problem["regime"])) if problem["gated"] else None,
         "initial_state": rng.standard_normal((*lead, Dk, Dv)) if problem["initial"] else None,
     }
+
+
+@pytest.mark.usefixtures("nan_memory")
+@GPU_SETTINGS
+@given(delta_problems())
+def test_delta_kernel_matches_the_reference(cp: Any, problem: dict[str, Any]) -> None:
+    T, Dk = problem["T"], problem["Dk"]
+    host = _delta_inputs(problem)
     o_ref, s_ref = delta_scan(**host, form="recurrent")
     o, s = delta_scan(**_to_device(cp, host, problem["dtype"]), backend="cupy")
     n = T * Dk
     _check(o, o_ref, problem["dtype"], n, f"outputs of {problem}")
     _check(s, s_ref, "float32" if problem["dtype"] == "float16" else problem["dtype"], n, f"final state of {problem}")
+
+
+def _check_delta_gradients(got: Any, ref: Any, host: dict[str, Any], do: np.ndarray, dfinal: np.ndarray | None,
+                           dtype: str, what: str) -> None:
+    """The delta rule's gradients against the float64 reference.
+
+    dq, dk, dv, dbeta and dS_0 are sums over the steps and one state dimension, as the
+    outputs are (n = T·max(Dk, Dv) terms). dg_t is a reverse cumulative sum over s ≥ t of
+    q_s·dq_s − v_s·dv_s (plus ⟨dS_T, S_T⟩), so its rounding is bounded by the same
+    relative tolerance times the magnitudes of those terms, not of dg itself (which may
+    cancel).
+    """
+    T, Dk, Dv = host["k"].shape[-2], host["k"].shape[-1], host["v"].shape[-1]
+    n = T * max(Dk, Dv)
+    for name in ("dq", "dk", "dv", "dbeta"):
+        _check(getattr(got, name), getattr(ref, name), dtype, n, f"{name} of {what}")
+    if ref.dinitial_state is not None:
+        _check(got.dinitial_state, ref.dinitial_state, "float32" if dtype == "float16" else dtype, n,
+               f"dinitial_state of {what}")
+    if ref.dg is None:
+        assert got.dg is None
+        return
+    terms = np.abs(host["q"] * ref.dq).sum(-1, keepdims=True) + np.abs(host["v"] * ref.dv).sum(-1, keepdims=True)
+    terms = np.broadcast_to(terms, np.broadcast_shapes(terms.shape, ref.dg.shape)).sum(axis=-3, keepdims=True)
+    bound = np.flip(np.cumsum(np.flip(terms, -2), -2), -2)
+    if dfinal is not None:
+        _, s_T = delta_scan(**host, form="recurrent")
+        bound = bound + np.abs(dfinal * s_T).sum(axis=(-2, -1))[..., None, None]
+    actual = np.asarray(got.dg.get() if hasattr(got.dg, "get") else got.dg, dtype=np.float64)
+    error = np.abs(actual - ref.dg)
+    allowed = _rtol(dtype, n) * bound + machine_epsilon(dtype) * np.abs(ref.dg)
+    assert np.all(error <= allowed), f"dg of {what}: worst error/allowed {np.max(error / allowed):.3g}"
+
+
+@pytest.mark.usefixtures("nan_memory")
+@settings(GPU_SETTINGS, max_examples=15)  # each example compiles three kernels for its sizes and flags
+@given(delta_problems(), st.integers(1, 2), st.booleans())
+def test_delta_vjp_kernels_match_the_reference(cp: Any, problem: dict[str, Any], groups: int, dfinal: bool) -> None:
+    """cuda/delta_grad.cu against the reverse-mode loop, GQA (q with a group axis) and dS_T included."""
+    from linattn.delta_grad import delta_scan_vjp
+
+    host = _delta_inputs(problem, groups)
+    rng = np.random.default_rng(problem["seed"] + 1)
+    do = rng.standard_normal((*host["q"].shape[:-1], problem["Dv"])).astype(problem["dtype"]).astype(np.float64)
+    dF = rng.standard_normal((*host["k"].shape[:-2], problem["Dk"], problem["Dv"])) if dfinal else None
+    ref = delta_scan_vjp(**host, do=do, dfinal_state=dF)
+    got = delta_scan_vjp(**_to_device(cp, {**host, "do": do, "dfinal_state": dF}, problem["dtype"]), backend="cupy")
+    assert str(got.dq.dtype) == problem["dtype"]
+    _check_delta_gradients(got, ref, host, do, dF, problem["dtype"], f"{problem}, groups={groups}, dS_T={dfinal}")
+
+
+@pytest.mark.usefixtures("nan_memory")
+def test_delta_vjp_kernels_are_deterministic_over_a_long_run(cp: Any) -> None:
+    """T = 2500 (many tiles, several column blocks at Dv = 128): the reference, and two runs bitwise equal."""
+    from linattn.delta_grad import delta_scan_vjp
+
+    problem = {"lead": (1, 2), "T": 2500, "Dk": 64, "Dv": 128, "beta": "step", "gated": True, "regime": "mild",
+               "initial": True, "dtype": "float32", "seed": 21}
+    host = _delta_inputs(problem)
+    host["g"] = host["g"] / 64  # a slow decay, so that early steps still matter at the end
+    do = np.random.default_rng(22).standard_normal((1, 2, 1, 2500, 128)).astype(np.float32).astype(np.float64)
+    ref = delta_scan_vjp(**host, do=do)
+    dev = _to_device(cp, {**host, "do": do}, "float32")
+    first, second = (delta_scan_vjp(**dev, backend="cupy") for _ in range(2))
+    _check_delta_gradients(first, ref, host, do, None, "float32", "the long run")
+    for name in ("dq", "dk", "dv", "dbeta", "dg", "dinitial_state"):
+        assert bool(cp.all(getattr(first, name) == getattr(second, name))), name
 
 
 @pytest.mark.usefixtures("nan_memory")

@@ -19,194 +19,14 @@
 // (elements per staging load of rows and of value columns), GK_MODE (0 none,
 // 1 one per step, 2 per key), HAS_GV, HAS_SIN, WRITE_O, and for the delta rule
 // DELTA (compile the delta rule instead of the linear scan), BETA_MODE (1 per step,
-// 2 per value column) and HAS_G.
+// 2 per value column), HAS_G and WRITE_R (also write the residuals r_t = v_t - S~_t^T k_t,
+// float32 (n_lead, T, Dv), for the gradients in delta_grad.cu).
 //
 // Strides are in elements; the last axis of every operand is contiguous. A time stride
 // may be negative (a reversed view). Leading axes are three (b, h, g); a stride of 0
 // broadcasts.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-#define NT ((VB / NC) * KSPLIT)
-#define KSEG (KPT + 4)            // a lane's rows in shared memory, padded against bank conflicts
-#define KROW (KSPLIT * KSEG)
-
-typedef long long i64;
-
-__device__ __forceinline__ ACC to_acc(float x) { return (ACC)x; }
-__device__ __forceinline__ ACC to_acc(double x) { return (ACC)x; }
-__device__ __forceinline__ ACC to_acc(__half x) { return (ACC)__half2float(x); }
-__device__ __forceinline__ ACC to_acc(__nv_bfloat16 x) { return (ACC)__bfloat162float(x); }
-
-__device__ __forceinline__ void store(float* p, ACC x) { *p = (float)x; }
-__device__ __forceinline__ void store(double* p, ACC x) { *p = (double)x; }
-__device__ __forceinline__ void store(__half* p, ACC x) { *p = __float2half_rn((float)x); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, ACC x) { *p = __float2bfloat16_rn((float)x); }
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-
-struct Quad { ACC v[4]; };  // four consecutive shared-memory values, loaded in one or two instructions
-
-__device__ __forceinline__ Quad load4(const ACC* p) {
-    Quad r;
-#if ACC_DOUBLE
-    const double2 a = *reinterpret_cast<const double2*>(p), b = *reinterpret_cast<const double2*>(p + 2);
-    r.v[0] = a.x; r.v[1] = a.y; r.v[2] = b.x; r.v[3] = b.y;
-#else
-    const float4 a = *reinterpret_cast<const float4*>(p);
-    r.v[0] = a.x; r.v[1] = a.y; r.v[2] = a.z; r.v[3] = a.w;
-#endif
-    return r;
-}
-
-struct Lead {  // strides of the three leading axes
-    i64 s0, s1, s2;
-    __device__ __forceinline__ i64 at(i64 a, i64 b, i64 c) const { return a * s0 + b * s1 + c * s2; }
-};
-
-__device__ __forceinline__ ACC lane_sum(ACC x) {
-#pragma unroll
-    for (int off = KSPLIT / 2; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-    return x;
-}
-
-// Staging loads VW elements at once (16 bytes when the launcher found every row aligned,
-// else 1) and fully unrolls the loop, so that all of a thread's loads of a tile are in
-// flight together instead of one global-memory latency per element.
-template <int W>
-__device__ __forceinline__ void load_vec(ELEM (&out)[W], const ELEM* p) {
-    if (W * sizeof(ELEM) == 16) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(p);
-        const ELEM* e = reinterpret_cast<const ELEM*>(&raw);
-#pragma unroll
-        for (int j = 0; j < W; ++j) out[j] = e[j];
-    } else {
-#pragma unroll
-        for (int j = 0; j < W; ++j) out[j] = p[j];
-    }
-}
-
-// Stage rows [t0, t0 + tc) of a (T, Dk) operand into sh[TC][KROW] (zeros past Dk or tc).
-// With EXP the value stored is e^x (and 1 where nothing is loaded).
-// Loads per thread in flight at once while staging (bounds the registers they take).
-#define BATCH (sizeof(ELEM) == 2 ? 2 : 4)
-
-template <bool EXP>
-__device__ __forceinline__ void stage_rows(ACC (*sh)[KROW], const ELEM* base, i64 ts, i64 t0, int tc, int Dk) {
-    constexpr int PER_ROW = KSPLIT * KPT / VW;
-    constexpr int ITERS = (TC * PER_ROW + NT - 1) / NT;
-    for (int first = 0; first < ITERS; first += BATCH) {
-        ELEM raw[BATCH][VW];
-        bool live[BATCH];
-#pragma unroll
-        for (int b = 0; b < BATCH; ++b) {
-            const int idx = threadIdx.x + (first + b) * NT, t = idx / PER_ROW, r = (idx % PER_ROW) * VW;
-            live[b] = first + b < ITERS && idx < TC * PER_ROW && t < tc && r < Dk;
-            if (live[b]) load_vec<VW>(raw[b], base + (t0 + t) * ts + r);
-        }
-#pragma unroll
-        for (int b = 0; b < BATCH; ++b) {
-            const int idx = threadIdx.x + (first + b) * NT, t = idx / PER_ROW, r = (idx % PER_ROW) * VW;
-            if (first + b < ITERS && idx < TC * PER_ROW) {
-#pragma unroll
-                for (int j = 0; j < VW; ++j) {
-                    ACC x = EXP ? (ACC)1 : (ACC)0;
-                    if (live[b] && (VW == 1 || r + j < Dk)) {
-                        x = to_acc(raw[b][j]);
-                        if (EXP) x = exp_acc(x);
-                    }
-                    sh[t][((r + j) / KPT) * KSEG + ((r + j) % KPT)] = x;
-                }
-            }
-        }
-    }
-}
-
-// Stage rows [t0, t0 + tc) of the block's value columns of a (T, Dv) operand into sh[TC][VB].
-template <bool EXP>
-__device__ __forceinline__ void stage_cols(ACC (*sh)[VB], const ELEM* base, i64 ts, i64 t0, int tc, int c0, int Dv) {
-    constexpr int PER_ROW = VB / VWC;
-    constexpr int ITERS = (TC * PER_ROW + NT - 1) / NT;
-    for (int first = 0; first < ITERS; first += BATCH) {
-        ELEM raw[BATCH][VWC];
-        bool live[BATCH];
-#pragma unroll
-        for (int b = 0; b < BATCH; ++b) {
-            const int idx = threadIdx.x + (first + b) * NT, t = idx / PER_ROW, c = (idx % PER_ROW) * VWC;
-            live[b] = first + b < ITERS && idx < TC * PER_ROW && t < tc && c0 + c < Dv;
-            if (live[b]) load_vec<VWC>(raw[b], base + (t0 + t) * ts + c0 + c);
-        }
-#pragma unroll
-        for (int b = 0; b < BATCH; ++b) {
-            const int idx = threadIdx.x + (first + b) * NT, t = idx / PER_ROW, c = (idx % PER_ROW) * VWC;
-            if (first + b < ITERS && idx < TC * PER_ROW) {
-#pragma unroll
-                for (int j = 0; j < VWC; ++j) {
-                    ACC x = EXP ? (ACC)1 : (ACC)0;
-                    if (live[b] && (VWC == 1 || c0 + c + j < Dv)) {
-                        x = to_acc(raw[b][j]);
-                        if (EXP) x = exp_acc(x);
-                    }
-                    sh[t][c + j] = x;
-                }
-            }
-        }
-    }
-}
-
-// The geometry every launch shares. Leading index l = blockIdx.x over (L0, L1, L2);
-// value tile blockIdx.y; time segment blockIdx.z of seg_len steps.
-#define GEOMETRY_ARGS                                                                                 \
-    i64 T, int Dk, int Dv, i64 L1, i64 L2, i64 seg_len,                                            \
-    i64 q0, i64 q1, i64 q2, i64 qt, i64 k0, i64 k1, i64 k2, i64 kt, i64 v0, i64 v1, i64 v2, i64 vt,  \
-    i64 o0, i64 o1, i64 o2, i64 ot,                                                                 \
-    i64 si0, i64 si1, i64 si2, i64 sip, i64 sir, i64 sic
-
-#define GEOMETRY_SETUP                                                                                \
-    const int ks = threadIdx.x % KSPLIT;                                                              \
-    const int cl = (threadIdx.x / KSPLIT) * NC;  /* the thread's first column within the tile */    \
-    const int c0 = blockIdx.y * VB;                                                                   \
-    const int col = c0 + cl;                                                                          \
-    const i64 l = blockIdx.x;                                                                         \
-    const i64 a2 = l % L2, a1 = (l / L2) % L1, a0 = l / (L2 * L1);                                   \
-    const i64 tb = (i64)blockIdx.z * seg_len;                                                         \
-    const i64 te = min(T, tb + seg_len);                                                              \
-    const ELEM* qb = q + Lead{q0, q1, q2}.at(a0, a1, a2);                                             \
-    const ELEM* kb = k + Lead{k0, k1, k2}.at(a0, a1, a2);                                             \
-    const ELEM* vb = v + Lead{v0, v1, v2}.at(a0, a1, a2);                                             \
-    ELEM* ob = o + Lead{o0, o1, o2}.at(a0, a1, a2);                                                   \
-    ACC S[KPT][NC];                                                                                   \
-    _Pragma("unroll") for (int i = 0; i < KPT; ++i) {                                                \
-        const int row = ks * KPT + i;                                                                 \
-        _Pragma("unroll") for (int c = 0; c < NC; ++c) {                                             \
-            S[i][c] = (ACC)0;                                                                         \
-            if (HAS_SIN && row < Dk && col + c < Dv)                                                  \
-                S[i][c] = s_in[Lead{si0, si1, si2}.at(a0, a1, a2) + blockIdx.z * sip + row * sir      \
-                               + (col + c) * sic];                                                    \
-        }                                                                                             \
-    }
-
-// The state leaving the segment: s_out is contiguous (n_lead, segments, Dk, Dv).
-#define WRITE_STATE                                                                                   \
-    {                                                                                                 \
-        ACC* dst = s_out + ((i64)blockIdx.x * gridDim.z + blockIdx.z) * Dk * Dv;                        \
-        _Pragma("unroll") for (int i = 0; i < KPT; ++i) {                                            \
-            const int row = ks * KPT + i;                                                             \
-            _Pragma("unroll") for (int c = 0; c < NC; ++c)                                           \
-                if (row < Dk && col + c < Dv) dst[(i64)row * Dv + col + c] = S[i][c];                 \
-        }                                                                                             \
-    }
-
-#define WRITE_OUTPUTS                                                                                 \
-    if (WRITE_O) {                                                                                    \
-        __syncthreads();                                                                              \
-        for (int idx = threadIdx.x; idx < TC * VB; idx += NT) {                                       \
-            int t = idx / VB, c = idx - t * VB;                                                       \
-            if (t < tc && c0 + c < Dv) store(ob + (t0 + t) * ot + c0 + c, so[t][c]);                   \
-        }                                                                                             \
-    }
+#include "scan_common.cuh"
 
 #ifndef DELTA
 
@@ -315,7 +135,7 @@ linear_scan(const ELEM* q, const ELEM* k, const ELEM* v, const ELEM* gk, const E
 extern "C" __global__ void __launch_bounds__(NT)
 delta_scan(const ELEM* q, const ELEM* k, const ELEM* v, const ELEM* beta, const ELEM* g, const ACC* s_in,
            ELEM* o, ACC* s_out, GEOMETRY_ARGS,
-           i64 b0, i64 b1, i64 b2, i64 bt, i64 g0, i64 g1, i64 g2, i64 gt) {
+           i64 b0, i64 b1, i64 b2, i64 bt, i64 g0, i64 g1, i64 g2, i64 gt, ACC* r_out) {
     __shared__ __align__(16) ACC sq[TC][KROW];
     __shared__ __align__(16) ACC sk[TC][KROW];
     __shared__ ACC sv[TC][VB];
@@ -380,7 +200,11 @@ delta_scan(const ELEM* q, const ELEM* k, const ELEM* v, const ELEM* beta, const 
 #else
                 const ACC bj = sb1[t];
 #endif
-                u[c] = bj * (sv[t][cl + c] - lane_sum(pred[c]));
+                const ACC r = sv[t][cl + c] - lane_sum(pred[c]);  // the residual v_t - S~_t^T k_t
+                u[c] = bj * r;
+#if WRITE_R
+                if (ks == 0 && col + c < Dv) r_out[((i64)l * T + t0 + t) * Dv + col + c] = r;
+#endif
             }
 #pragma unroll
             for (int i4 = 0; i4 < KPT; i4 += 4) {
