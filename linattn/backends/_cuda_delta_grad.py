@@ -25,6 +25,11 @@ import array_api_compat
 from linattn.backends import _cuda_launch as cl
 from linattn.backends import _cuda_scan as cs
 
+# The kernels' shape targets (benchmarks may switch them). 64 threads, as the forward:
+# blocks of 256 threads, which hold all 128 value columns and so need no sum of dk, dq
+# over column blocks, took 1.15–1.4× longer on an H100 (docs/scripts/gpu_delta_budgets.py).
+BUDGET = cs.HEAVY
+
 
 def delta_scan_vjp(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any, do: Any, dfinal_state: Any
                    ) -> tuple[Any, ...] | None:
@@ -40,10 +45,8 @@ def delta_scan_vjp(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any, do: A
     if call is None or (dfinal_state is not None and cl.library_of([q, dfinal_state]) is not call.lib):
         return None
     beta_mode = 1 if call.refs[3].shape[-1] == 1 else 2
-    # Rows staged: k, q (reverse pass) and the per-warp row sums (two warps at most, two
-    # sums in the forward pass); columns: v or r, do, du and a per-column beta.
-    lay = cs._layout(call, (5, 3 + beta_mode), heavy=True, whole_warps=True)
-    if lay is None or lay.plan.threads % 32:
+    lay = _grad_layout(call, beta_mode)
+    if lay is None:
         return None
     acc = call.accumulation
     T, Dk, Dv, n_lead, blocks = lay.T, lay.Dk, lay.Dv, lay.n_lead, lay.col_blocks
@@ -52,7 +55,7 @@ def delta_scan_vjp(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any, do: A
     dS_T = None if dfinal_state is None else call.lib.convert(dfinal_state, acc)
     s_T, s_T_strides = cs.state_in(None if dS_T is None else call.lib.ref(dS_T))
     du, du_ptr = call.empty((n_lead, T, Dv), acc)
-    dk_parts, dk_ptr = call.empty((2, blocks, n_lead, T, Dk), acc)  # the reverse and forward passes' terms
+    dk_parts, dk_ptr = call.empty((blocks, n_lead, T, Dk), acc)  # the forward pass adds to the reverse one's
     dq_parts, dq_ptr = call.empty((blocks, n_lead, T, Dk), acc)
     dS_0, dS_0_ptr = call.empty((n_lead, Dk, Dv), acc)
 
@@ -82,9 +85,22 @@ def delta_scan_vjp(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any, do: A
     kf, vf, df, bf, gf = forward
     run("delta_grad.cu", "delta_grad_forward", {**defines, "HAS_SIN": int(s_0 != 0)}, grid, lay.plan.threads,
         [kf.ptr, vf.ptr, df.ptr, du_ptr, bf.ptr, (gf or kf).ptr, s_0 or dS_0_ptr,
-         dk_ptr + blocks * n_lead * T * Dk * size, dq_ptr, *lead_args, *strides([kf, vf, df, bf, gf]),
+         dk_ptr, dq_ptr, *lead_args, *strides([kf, vf, df, bf, gf]),
          *s_0_strides[:3], *s_0_strides[4:], T * Dv, Dv, n_lead * T * Dk, T * Dk, Dk])
     return _finish(call, lay, du, res, dk_parts, dq_parts, dS_0, final, dS_T)
+
+
+def _grad_layout(call: cs.Call, beta_mode: int) -> Any:
+    """The kernels' layout under ``BUDGET``.
+
+    Staged per step: rows k, q (reverse pass) and per warp the row sums (two in the
+    forward pass); columns v or r, do, du and a per-column beta. The threads do not
+    depend on the tiles, so a first layout gives the warps.
+    """
+    first = cs._layout(call, (1, 1), BUDGET, whole_warps=True)
+    if first is None:
+        return None
+    return cs._layout(call, (1 + 2 * first.plan.threads // 32, 3 + beta_mode), BUDGET, whole_warps=True)
 
 
 def _finish(call: cs.Call, lay: Any, du: Any, res: Any, dk_parts: Any, dq_parts: Any, dS_0: Any, final: Any,
@@ -99,8 +115,7 @@ def _finish(call: cs.Call, lay: Any, du: Any, res: Any, dk_parts: Any, dq_parts:
 
     q, _, v, beta, g = call.arrays[:5]
     beta_ = per_lead(beta)
-    dq = xp.sum(dq_parts, axis=0)
-    dk = xp.sum(xp.reshape(dk_parts, (-1, n_lead, T, lay.Dk)), axis=0)
+    dq, dk = (parts[0] if parts.shape[0] == 1 else xp.sum(parts, axis=0) for parts in (dq_parts, dk_parts))
     dv = beta_ * du
     dbeta = du * res if beta.shape[-1] > 1 else xp.sum(du * res, axis=-1, keepdims=True)
     dg = None

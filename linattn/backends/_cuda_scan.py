@@ -30,17 +30,29 @@ from linattn.backends import _cuda_launch as cl
 
 # Shared memory the staged tiles may use per block (the static limit is 48 KiB).
 _SHARED_BUDGET = 46 * 1024
-# 32-bit registers of state one lane holds (KPT rows × NC columns): 128, or 64 for the
-# updates that keep more values live (per-key and per-value decay together, the delta
-# rule); and at most 64 rows, so that the compiler never spills the state.
-_STATE_REGISTERS = {False: 128, True: 64}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A kernel's shape targets: 32-bit registers of state one lane holds (KPT rows × NC columns), threads per block."""
+
+    registers: int
+    threads: int
+
+
+# 128 registers of state, or 64 for the updates that keep more values live (per-key and
+# per-value decay together, the delta rule); and at most 64 rows, so that the compiler
+# never spills the state.
+LIGHT, HEAVY = Budget(128, 64), Budget(64, 64)
+# The delta rule's forward kernel (benchmarks may switch it).
+DELTA_BUDGET = HEAVY
 _MAX_ROWS = 64
 # Value columns per lane: each q, k value read from shared memory feeds 2·NC multiply-adds.
 _COLUMNS = 4
 # Lanes per column group: a power of two, at most a warp (so Dk ≤ 1024 in float32).
 _MAX_KSPLIT = 32
 # Threads per block, at least (a whole warp, so that every shuffle has all its lanes).
-_MIN_THREADS, _TARGET_THREADS = 32, 64
+_MIN_THREADS = 32
 # Segments are at least this long, so the extra pass stays a small share of the work.
 _MIN_SEGMENT = 256
 
@@ -175,25 +187,25 @@ class _Plan:
 
 
 @functools.cache
-def _plan(Dk: int, Dv: int, dtype: str, tiles: tuple[int, int], heavy: bool, whole_warps: bool = False
+def _plan(Dk: int, Dv: int, dtype: str, tiles: tuple[int, int], budget: Budget, whole_warps: bool = False
           ) -> _Plan | None:
     """The kernel's shape for these sizes, or None when the kernel does not cover them.
 
     ``tiles`` counts the tiles staged per step: (rows, columns) — q, k and a per-key
     decay are (TC, Dk) rows; v, the output and per-value operands (TC, VB) columns.
-    ``heavy``: an update that keeps more values live (see ``_STATE_REGISTERS``).
+    ``budget``: the state registers per lane and the threads per block aimed at.
     ``whole_warps``: threads in whole warps (for kernels that shuffle across column groups).
     """
     acc = cl.itemsize(cl.accumulation(dtype))
     nc = _COLUMNS if Dv >= _COLUMNS else 1
-    budget = min(_STATE_REGISTERS[heavy] * 4 // acc // nc, _MAX_ROWS * 4 // acc)  # rows per lane
+    rows = min(budget.registers * 4 // acc // nc, _MAX_ROWS * 4 // acc)  # rows per lane
     ksplit = 1
-    while 4 * math.ceil(math.ceil(Dk / ksplit) / 4) > budget:
+    while 4 * math.ceil(math.ceil(Dk / ksplit) / 4) > rows:
         ksplit *= 2
     if ksplit > _MAX_KSPLIT:
         return None
     kpt = 4 * math.ceil(math.ceil(Dk / ksplit) / 4)
-    groups = max(_TARGET_THREADS // ksplit, 1)  # column groups per block
+    groups = max(budget.threads // ksplit, 1)  # column groups per block
     groups = min(groups, math.ceil(Dv / nc))  # no more than the columns need ...
     groups = max(groups, _MIN_THREADS // ksplit, 1)  # ... but at least a warp of threads
     if whole_warps:
@@ -309,7 +321,7 @@ class _Layout:
         return math.ceil(self.Dv / self.plan.vb)
 
 
-def _layout(call: Call, tiles: tuple[int, int], heavy: bool, whole_warps: bool = False) -> _Layout | None:
+def _layout(call: Call, tiles: tuple[int, int], budget: Budget, whole_warps: bool = False) -> _Layout | None:
     """The layout of a call whose refs are (q, k, v, *per-step operands, state)."""
     refs = call.refs
     present = [r for r in refs if r is not None]
@@ -319,7 +331,7 @@ def _layout(call: Call, tiles: tuple[int, int], heavy: bool, whole_warps: bool =
     if lead is None or len(lead) > 3:
         return None
     T, Dk, Dv = refs[0].shape[-2], refs[0].shape[-1], refs[2].shape[-1]
-    plan = _plan(Dk, Dv, call.dtype, tiles, heavy, whole_warps)
+    plan = _plan(Dk, Dv, call.dtype, tiles, budget, whole_warps)
     if plan is None or T == 0:
         return None
     acc = C_TYPES[call.accumulation]
@@ -347,7 +359,8 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any, *, revers
         result = _cuda_chunk.chunked_linear_scan(call)
         if result is not None:
             return result
-    lay = _layout(call, (3 if gk_mode == 2 else 2, 3 if gvr is not None else 2), heavy=gk_mode == 2 and gvr is not None)
+    lay = _layout(call, (3 if gk_mode == 2 else 2, 3 if gvr is not None else 2),
+                  HEAVY if gk_mode == 2 and gvr is not None else LIGHT)
     if lay is None:
         return None
     acc, itemsize = call.accumulation, cl.itemsize(call.dtype)
@@ -388,7 +401,7 @@ def delta_scan(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any) -> tuple[
     call = Call.of(q, k, v, beta, g, state=state0)
     if call is None:
         return None
-    lay = _layout(call, (2, 3 if call.refs[3].shape[-1] > 1 else 2), heavy=True)
+    lay = _layout(call, (2, 3 if call.refs[3].shape[-1] > 1 else 2), DELTA_BUDGET)
     if lay is None:
         return None
     o, s_out, _ = delta_forward(call, lay, write_o=True, write_r=False)

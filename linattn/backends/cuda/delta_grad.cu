@@ -23,7 +23,9 @@
 // threads and blocks hold: a thread sums its NC columns, a warp its column groups (by
 // shuffles), the block its warps (in shared memory, in a fixed order: the result is
 // deterministic), and each block writes its tile's sum to its own slice of a float32
-// (col_block, lead, T, Dk) array, which the launcher sums over the column blocks.
+// (col_block, lead, T, Dk) array, which the launcher sums over the column blocks (one
+// block holds all of them where its threads allow). The forward pass adds its part of dk
+// to the reverse pass's, in place.
 //
 // Compile-time parameters (-D): those of scan.cu (ELEM, ACC, ACC_DOUBLE, KPT, KSPLIT, NC,
 // VB, TC, VW, VWC), BETA_MODE (1 per step, 2 per value column), HAS_G, HAS_SIN (a state to
@@ -101,13 +103,15 @@ __device__ __forceinline__ void stage_scratch(ACC (*sh)[VB], const ACC* base, i6
         _Pragma("unroll") for (int i = 0; i < KPT; ++i) red[t][warp][ks * KSEG + i] = part[i];      \
     }
 
-// The block's sums over its warps, for the tile's steps, into out (this block's slice).
+// The block's sums over its warps, for the tile's steps, into out (this block's slice);
+// with ADD, added to what out holds.
+template <bool ADD>
 __device__ __forceinline__ void write_row_sums(ACC* out, const ACC (*red)[NWARPS][KROW], i64 ts, i64 t0, int tc,
                                                int Dk) {
     for (int idx = threadIdx.x; idx < TC * Dk; idx += NT) {
         const int t = idx / Dk, d = idx - t * Dk;
         if (t >= tc) continue;
-        ACC s = (ACC)0;
+        ACC s = ADD ? out[(t0 + t) * ts + d] : (ACC)0;
 #pragma unroll
         for (int w = 0; w < NWARPS; ++w) s += red[t][w][(d / KPT) * KSEG + d % KPT];
         out[(t0 + t) * ts + d] = s;
@@ -198,7 +202,7 @@ delta_grad_reverse(const ELEM* q, const ELEM* k, const ELEM* dout, const ACC* re
             const int t = idx / VB, c = idx - t * VB;
             if (t < tc && c0 + c < Dv) dub[(t0 + t) * rt + c0 + c] = sdu[t][c];
         }
-        write_row_sums(dkb, red, pt, t0, tc, Dk);
+        write_row_sums<false>(dkb, red, pt, t0, tc, Dk);
     }
     // dS_0 into s_out (n_lead, Dk, Dv)
     ACC* dst = s_out + (i64)blockIdx.x * Dk * Dv;
@@ -288,7 +292,7 @@ delta_grad_forward(const ELEM* k, const ELEM* v, const ELEM* dout, const ACC* du
             REDUCE_ROWS(red_q, part_q, t)
         }
         __syncthreads();
-        write_row_sums(dkb, red_k, pt, t0, tc, Dk);
-        write_row_sums(dqb, red_q, pt, t0, tc, Dk);
+        write_row_sums<true>(dkb, red_k, pt, t0, tc, Dk);  // onto the reverse pass's part of dk
+        write_row_sums<false>(dqb, red_q, pt, t0, tc, Dk);
     }
 }
