@@ -85,15 +85,7 @@ __device__ __forceinline__ void stage_scratch(ACC (*sh)[VB], const ACC* base, i6
     const i64 a2 = l % L2, a1 = (l / L2) % L1, a0 = l / (L2 * L1);                                   \
     const ELEM* bb = beta + Lead{b0, b1, b2}.at(a0, a1, a2);                                          \
     [[maybe_unused]] const ELEM* gb = g + Lead{g0, g1, g2}.at(a0, a1, a2);                           \
-    ACC S[KPT][NC];                                                                                   \
-    _Pragma("unroll") for (int i = 0; i < KPT; ++i) {                                                \
-        const int row = ks * KPT + i;                                                                 \
-        _Pragma("unroll") for (int c = 0; c < NC; ++c) {                                             \
-            S[i][c] = (ACC)0;                                                                         \
-            if (HAS_SIN && row < Dk && col + c < Dv)                                                  \
-                S[i][c] = s_in[Lead{si0, si1, si2}.at(a0, a1, a2) + row * sir + (col + c) * sic];     \
-        }                                                                                             \
-    }
+    LOAD_STATE(0)
 
 // A row sum of the step's partials (part[KPT] per thread) into red[t][warp][...], summed
 // over the warp's column groups.

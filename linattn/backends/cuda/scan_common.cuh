@@ -154,14 +154,18 @@ __device__ __forceinline__ void stage_cols(ACC (*sh)[VB], const ELEM* base, i64 
     const ELEM* kb = k + Lead{k0, k1, k2}.at(a0, a1, a2);                                             \
     const ELEM* vb = v + Lead{v0, v1, v2}.at(a0, a1, a2);                                             \
     ELEM* ob = o + Lead{o0, o1, o2}.at(a0, a1, a2);                                                   \
+    LOAD_STATE(blockIdx.z * sip)
+
+// The thread's state registers S[KPT][NC] from s_in (at the leading index's offset plus
+// `offset`, strides sir, sic), or zeros without HAS_SIN.
+#define LOAD_STATE(offset)                                                                            \
     ACC S[KPT][NC];                                                                                   \
     _Pragma("unroll") for (int i = 0; i < KPT; ++i) {                                                \
         const int row = ks * KPT + i;                                                                 \
         _Pragma("unroll") for (int c = 0; c < NC; ++c) {                                             \
             S[i][c] = (ACC)0;                                                                         \
             if (HAS_SIN && row < Dk && col + c < Dv)                                                  \
-                S[i][c] = s_in[Lead{si0, si1, si2}.at(a0, a1, a2) + blockIdx.z * sip + row * sir      \
-                               + (col + c) * sic];                                                    \
+                S[i][c] = s_in[Lead{si0, si1, si2}.at(a0, a1, a2) + (offset) + row * sir + (col + c) * sic]; \
         }                                                                                             \
     }
 
