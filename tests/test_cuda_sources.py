@@ -1,0 +1,49 @@
+"""The CUDA kernels' sources as the installed package ships them, and the CUDA-core launch plans (no GPU needed).
+
+CI installs the package (not in editable mode), so these read the sources from the
+installed files: a ``.cu`` or ``.cuh`` file missing from the package data fails here
+rather than at a user's first kernel call on a GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+
+from linattn.backends import _cuda_launch as cl
+from linattn.backends import _cuda_scan as cs
+
+# Each source and the kernels the launchers call in it.
+KERNELS = {
+    "scan.cu": ["linear_scan", "delta_scan"],
+    "chunk_mma.cu": ["chunk_linear_scan"],
+    "segments.cu": ["segment_log_decay", "segment_prefix"],
+    "delta_grad.cu": ["delta_grad_reverse", "delta_grad_forward"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_sources_ship_with_their_headers_inlined(name: str) -> None:
+    text = cl._source(name)
+    assert not re.search(r'^#include "', text, flags=re.MULTILINE), "a local header was left to the compiler"
+    for kernel in KERNELS[name]:
+        assert re.search(rf'extern "C" __global__ void( __launch_bounds__\([^)]*\))?\s+{kernel}\(', text), kernel
+
+
+def test_the_shared_header_is_inlined_where_it_is_used() -> None:
+    for name in ("scan.cu", "delta_grad.cu"):
+        assert "#define GEOMETRY_SETUP" in cl._source(name) and "#define LOAD_STATE" in cl._source(name)
+
+
+@pytest.mark.parametrize(("dtype", "budget"), list(itertools.product(["float16", "float32", "float64"],
+                                                                     [cs.HEAVY, cs.LIGHT, cs.Budget(64, 256)])))
+def test_whole_warp_plans_are_whole_warps_and_cover_the_columns(dtype: str, budget: cs.Budget) -> None:
+    """The gradient kernels shuffle across a warp's column groups: their blocks are whole warps."""
+    for Dk, Dv in itertools.product((16, 32, 64, 100, 128, 256), repeat=2):
+        plan = cs._plan(Dk, Dv, dtype, (3, 4), budget, whole_warps=True)
+        if plan is None:  # a plan may not fit the tiles; then the launcher declines the call
+            continue
+        assert plan.threads % 32 == 0 and plan.threads <= 1024, (Dk, Dv, plan)
+        assert plan.ksplit * plan.kpt >= Dk and plan.vb % plan.nc == 0, (Dk, Dv, plan)
