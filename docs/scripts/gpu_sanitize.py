@@ -1,0 +1,52 @@
+"""Run each CUDA kernel once on small problems, for compute-sanitizer (memcheck, racecheck).
+
+Run on the GPU machine::
+
+    compute-sanitizer --tool racecheck python3 docs/scripts/gpu_sanitize.py
+    compute-sanitizer --tool memcheck python3 docs/scripts/gpu_sanitize.py
+
+Covers the forward scans (tensor-core and CUDA-core, with and without gates, in three
+passes where T is long), the reversed scans of the gradients, the delta rule and its
+gradient kernels (β per step and per value, gates, states). Sizes are small so that the
+instrumented run takes seconds; the results are checked elsewhere (tests/gpu).
+"""
+
+from __future__ import annotations
+
+import cupy as cp
+import numpy as np
+
+from linattn.backends import get_backend
+from linattn.delta_grad import delta_scan_vjp
+from linattn.delta_scan import delta_scan
+from linattn.scan import causal_scan, causal_scan_vjp
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    normal = lambda *s, dtype="float32": cp.asarray(rng.standard_normal(s), dtype=dtype)  # noqa: E731
+    for dtype, T in (("float16", 150), ("float32", 150), ("float16", 2100)):
+        q, k, v, do = (normal(2, 2, T, 64, dtype=dtype) for _ in range(4))
+        g = -cp.abs(normal(2, 2, T, 1, dtype=dtype)) / 8
+        gk = -cp.abs(normal(2, 2, T, 64, dtype=dtype)) / 8
+        for gate in (None, g, gk):
+            causal_scan(q, k, v, gk=gate, backend="cupy")
+            get_backend("cupy").kernel("causal_scan_reversed")(q, k, v, gate, None, None)
+            causal_scan_vjp(q, k, v, do, gk=gate, backend="cupy")
+    for dtype in ("float16", "float32"):
+        q, v, do = normal(2, 2, 70, 64, dtype=dtype), normal(2, 1, 70, 100, dtype=dtype), normal(2, 2, 70, 100,
+                                                                                                  dtype=dtype)
+        k = normal(2, 1, 70, 64, dtype=dtype)
+        k = k / cp.linalg.norm(k.astype("float32"), axis=-1, keepdims=True).astype(dtype)
+        g = -cp.abs(normal(2, 1, 70, 1, dtype=dtype)) / 8
+        s0, ds = normal(2, 1, 64, 100), normal(2, 1, 64, 100)
+        for beta in (cp.abs(normal(2, 1, 70, 1, dtype=dtype)) / 4, cp.abs(normal(2, 1, 70, 100, dtype=dtype)) / 4):
+            delta_scan(q, k, v, beta, g=g, initial_state=s0, backend="cupy")
+            delta_scan_vjp(q, k, v, beta, do, g=g, initial_state=s0, dfinal_state=ds, backend="cupy")
+            delta_scan_vjp(q, k, v, beta, do, backend="cupy")
+    cp.cuda.Device().synchronize()
+    print("ran every kernel")
+
+
+if __name__ == "__main__":
+    main()
