@@ -99,10 +99,10 @@ def _cotangent_once(xp: Any, q: Any, k: Any, v: Any, beta: Any, g: Any, state0: 
     if own == full:
         return dS
     own = (1,) * (len(full) - len(own)) + own
-    shape = (*own, int(k.shape[-1]), int(v.shape[-1]))
-    once = xp.zeros((*full, *shape[-2:]), dtype=dS.dtype, device=array_api_compat.device(dS))
-    once[tuple(slice(None) if n == m else slice(0, 1) for n, m in zip(own, full, strict=True))] = xp.broadcast_to(
-        dS, shape)
+    dims = (int(k.shape[-1]), int(v.shape[-1]))
+    once = xp.zeros((*full, *dims), dtype=dS.dtype, device=array_api_compat.device(dS))
+    first = tuple(slice(None) if n == m else slice(0, 1) for n, m in zip(own, full, strict=True))
+    once[first] = xp.broadcast_to(dS, (*own, *dims))
     return once
 
 
