@@ -19,6 +19,7 @@ from linattn.backends import _cuda_scan as cs
 KERNELS = {
     "scan.cu": ["linear_scan", "delta_scan"],
     "chunk_mma.cu": ["chunk_linear_scan"],
+    "delta_chunk.cu": ["delta_chunk_prepare", "delta_chunk_scan"],
     "segments.cu": ["segment_log_decay", "segment_prefix"],
     "delta_grad.cu": ["delta_grad_reverse", "delta_grad_forward"],
 }
@@ -35,6 +36,8 @@ def test_sources_ship_with_their_headers_inlined(name: str) -> None:
 def test_the_shared_header_is_inlined_where_it_is_used() -> None:
     for name in ("scan.cu", "delta_grad.cu"):
         assert "#define GEOMETRY_SETUP" in cl._source(name) and "#define LOAD_STATE" in cl._source(name)
+    for name in ("chunk_mma.cu", "delta_chunk.cu"):
+        assert "__device__ __forceinline__ bool chunk_decays(" in cl._source(name)
 
 
 @pytest.mark.parametrize(("dtype", "budget"), list(itertools.product(["float16", "float32", "float64"],
@@ -47,3 +50,21 @@ def test_whole_warp_plans_are_whole_warps_and_cover_the_columns(dtype: str, budg
             continue
         assert plan.threads % 32 == 0 and plan.threads <= 1024, (Dk, Dv, plan)
         assert plan.ksplit * plan.kpt >= Dk and plan.vb % plan.nc == 0, (Dk, Dv, plan)
+
+
+def test_delta_tensor_core_plans_fit_and_cover_the_columns() -> None:
+    """Every plan the delta rule's tensor-core launcher makes fits an H100's shared memory and tiles whole warps."""
+    from linattn.backends import _cuda_delta_chunk as dc
+
+    limit = 227 * 1024
+    for dtype, Dk, Dv in itertools.product(["float16", "bfloat16", "float32"], range(8, 257, 8), range(8, 257, 8)):
+        plan = dc._scan_plan(dtype, Dk, Dv, limit)
+        if dtype == "float32" or Dk > 128:
+            assert plan is None
+        if plan is None:
+            continue
+        wn = 4 // plan.wm
+        assert plan.shared_bytes <= limit and dc._prepare_shared_bytes(plan.dkp, 16 * -(-Dv // 16)) <= limit
+        assert plan.dkp >= Dk and plan.dkp % (16 * plan.wm) == 0, (Dk, Dv, plan)
+        assert (plan.vb // 8) % wn == 0 and (plan.vb // 8 // wn) % 2 == 0, (Dk, Dv, plan)
+    assert dc._scan_plan("bfloat16", 128, 128, limit) == dc._ScanPlan(128, 64, 2, 4)

@@ -1,15 +1,16 @@
-"""Check and time the variants of linattn's linear-scan kernels on a CUDA GPU, in one run.
+"""Check and time the variants of linattn's tensor-core scan kernels on a CUDA GPU, in one run.
 
 Run on the GPU machine (PyTorch, Triton; FLA optional)::
 
-    PYTHONPATH=. python docs/scripts/gpu_kernel_variants.py [--shapes 1x8192x96x128 ...]
+    PYTHONPATH=. python docs/scripts/gpu_kernel_variants.py [--shapes 1x8192x96x128 ...] [--ops delta ...]
 
-Variants: the tensor-core chunked kernel with float32-accurate intermediates ("tc",
-the default), the same with intermediates rounded once to the storage type ("tc-round",
-as FLA does), and the CUDA-core recurrent kernel ("cuda-core"). For each shape and op
-(linear, simple_gla) it prints the relative error of every variant against a float64
-reference (torch, on the GPU) and the median time of each variant and of FLA's chunk
-kernel, with the copy-bandwidth floor. Kernel development notes go in docs/gpu.rst.
+Variants: the tensor-core chunked kernels with float32-accurate intermediates ("tc",
+the default), the linear scan's with intermediates rounded once to the storage type
+("tc-round", as FLA does; linear and simple_gla only), and the CUDA-core recurrent
+kernels ("cuda-core"). For each shape and op (linear, simple_gla, delta, gated_delta)
+it prints the relative error of every variant against a float64 reference (on the GPU)
+and the median time of each variant and of FLA's chunk kernel, with the copy-bandwidth
+floor. Kernel development notes go in docs/gpu.rst.
 """
 
 from __future__ import annotations
@@ -20,29 +21,33 @@ import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
-from gpu_peers import copy_bandwidth, median_ms  # this folder is on sys.path when run as a script
+from gpu_peers import copy_bandwidth, fla, heads_first, inputs, median_ms  # this folder is on sys.path
 
-from linattn.backends import _cuda_chunk
+from linattn.backends import _cuda_chunk, _cuda_delta_chunk
+from linattn.delta_scan import delta_scan
 from linattn.scan import causal_scan
 
-VARIANTS = {"tc": {"ENABLED": True, "SPLIT": True}, "tc-round": {"ENABLED": True, "SPLIT": False},
-            "cuda-core": {"ENABLED": False, "SPLIT": True}}
+VARIANTS = {
+    "tc": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "SPLIT"): True, (_cuda_delta_chunk, "ENABLED"): True},
+    "tc-round": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "SPLIT"): False},
+    "cuda-core": {(_cuda_chunk, "ENABLED"): False, (_cuda_delta_chunk, "ENABLED"): False},
+}
+DELTA_OPS = ("delta", "gated_delta")
 
 
 @contextlib.contextmanager
 def variant(name: str) -> Any:
-    saved = {key: getattr(_cuda_chunk, key) for key in VARIANTS[name]}
-    for key, value in VARIANTS[name].items():
-        setattr(_cuda_chunk, key, value)
+    saved = {key: getattr(*key) for key in VARIANTS[name]}
+    for (module, attr), value in VARIANTS[name].items():
+        setattr(module, attr, value)
     try:
         yield
     finally:
-        for key, value in saved.items():
-            setattr(_cuda_chunk, key, value)
+        for (module, attr), value in saved.items():
+            setattr(module, attr, value)
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+def linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
     """o_i = Σ_{j≤i} e^{G_i − G_j} (q_i·k_j) v_j in float64, chunked over i to bound memory: (B, H, T, Dv)."""
     q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
     T = q.shape[2]
@@ -64,48 +69,62 @@ def rel_error(o: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.norm(o.double() - ref) / torch.linalg.norm(ref))
 
 
-def fla_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> Any:
-    import fla.ops as ops
+def call_of(op: str, x: dict[str, torch.Tensor]) -> Any:
+    """linattn's call for ``op`` on the (B, T, H, D) inputs of ``gpu_peers.inputs``, as (B, H, T, D) views."""
+    q, k, v, kn, g, beta = heads_first(x["q"], x["k"], x["v"], x["kn"], x["g"], x["beta"])
+    if op in DELTA_OPS:
+        gate = g if op == "gated_delta" else None
+        return lambda: delta_scan(q, kn, v, beta, g=gate, backend="cupy")
+    return lambda: causal_scan(q, k, v, gk=g if op == "simple_gla" else None, backend="cupy")
 
-    if g is None:
-        return lambda: ops.chunk_linear_attn(q, k, v, scale=1.0, normalize=False)
-    return lambda: ops.chunk_simple_gla(q, k, v, g=g, scale=1.0)
+
+def reference(op: str, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float64 outputs (B, H, T, Dv): the linear scans by their definition, the delta rule by the float64 kernel."""
+    if op in DELTA_OPS:  # the CUDA-core kernel in float64, tested against the NumPy loop in tests/gpu
+        return call_of(op, {name: t.double() for name, t in x.items()})()[0]
+    return linear_reference(x["q"], x["k"], x["v"], x["g"] if op == "simple_gla" else None)
+
+
+def kernel_times(call: Any) -> None:
+    """The GPU time of each kernel in one call, by the PyTorch profiler."""
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    for event in prof.key_averages():
+        if event.device_time_total > 0:
+            print(f"{'':>16} {event.key[:60]:>60} {event.device_time_total / 1e3:8.3f} ms", flush=True)
 
 
 def measure(shape: tuple[int, int, int, int], dname: str, variants: list[str], ops: list[str], with_fla: bool,
-            bw: float) -> None:
+            bw: float, profile: bool = False) -> None:
     """Print error and time of every variant (and FLA) for one shape and dtype."""
     B, T, H, D = shape
     label = "x".join(map(str, shape))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dname]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = ((torch.randn(B, T, H, D, device="cuda", generator=gen) * scale).to(dtype)
-               for scale in (D**-0.5, 1.0, 1.0))
-    g = F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=gen)).div(16).to(dtype)
+    x = inputs(shape, {"bf16": torch.bfloat16, "fp16": torch.float16}[dname])
     floor = 4 * B * T * H * D * 2 / bw * 1e3
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    for op, gate in (("linear", None), ("simple_gla", g)):
-        if op not in ops:
-            continue
-        ref = reference(q, k, v, gate)
-        gh = None if gate is None else gate.transpose(1, 2)[..., None]
-
-        def call(gh: torch.Tensor | None = gh) -> Any:
-            return causal_scan(qh, kh, vh, gk=gh, backend="cupy")
-
+    for op in ops:
+        ref = reference(op, x)
+        call = call_of(op, x)
         for name in variants:
+            if op in DELTA_OPS and name == "tc-round":
+                continue
             with variant(name):
                 err = rel_error(call()[0], ref)
                 ms = median_ms(call)
-            print(f"{label:>16} {dname:>4} {op:>10} {name:>10} {ms:8.3f} {100 * floor / ms:7.0f} {err:9.2e}",
+            print(f"{label:>16} {dname:>4} {op:>11} {name:>10} {ms:8.3f} {100 * floor / ms:7.0f} {err:9.2e}",
                   flush=True)
         del ref
+        if profile:
+            with variant("tc"):
+                kernel_times(call)
         if with_fla:
             try:
-                ms = median_ms(fla_call(q, k, v, gate))
-                print(f"{label:>16} {dname:>4} {op:>10} {'fla':>10} {ms:8.3f} {100 * floor / ms:7.0f}", flush=True)
+                ms = median_ms(fla(op, x))
+                print(f"{label:>16} {dname:>4} {op:>11} {'fla':>10} {ms:8.3f} {100 * floor / ms:7.0f}", flush=True)
             except Exception as error:  # a peer that rejects a case is reported, not fatal
-                print(f"{label:>16} {dname:>4} {op:>10} {'fla':>10} failed: {error}"[:160])
+                print(f"{label:>16} {dname:>4} {op:>11} {'fla':>10} failed: {error}"[:160])
         torch.cuda.empty_cache()
 
 
@@ -116,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--ops", nargs="+", default=["linear", "simple_gla"])
     parser.add_argument("--no-fla", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also list the kernels of one call of each op")
     args = parser.parse_args(argv)
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s")
@@ -123,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.shapes:
         B, T, H, D = map(int, text.split("x"))
         for dname in args.dtypes:
-            measure((B, T, H, D), dname, args.variants, args.ops, not args.no_fla, bw)
+            measure((B, T, H, D), dname, args.variants, args.ops, not args.no_fla, bw, args.profile)
     return 0
 
 

@@ -401,6 +401,11 @@ def delta_scan(q: Any, k: Any, v: Any, beta: Any, g: Any, state0: Any) -> tuple[
     call = Call.of(q, k, v, beta, g, state=state0)
     if call is None:
         return None
+    from linattn.backends import _cuda_delta_chunk
+
+    result = _cuda_delta_chunk.chunked_delta_scan(call)
+    if result is not None:
+        return result
     lay = _layout(call, (2, 3 if call.refs[3].shape[-1] > 1 else 2), DELTA_BUDGET)
     if lay is None:
         return None

@@ -133,21 +133,34 @@ def tensor_core_problems(draw: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def tensor_core_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Records, for each call of the tensor-core launcher, whether it ran (True) or declined (False)."""
-    from linattn.backends import _cuda_chunk
-
+def _record_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[bool]:
+    """Records, for each call of ``module.name`` (a launcher), whether it ran (True) or declined (False)."""
     calls: list[bool] = []
-    launcher = _cuda_chunk.chunked_linear_scan
+    launcher = getattr(module, name)
 
     def recording(*args: Any) -> Any:
         result = launcher(*args)
         calls.append(result is not None)
         return result
 
-    monkeypatch.setattr(_cuda_chunk, "chunked_linear_scan", recording)
+    monkeypatch.setattr(module, name, recording)
     return calls
+
+
+@pytest.fixture
+def tensor_core_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The calls of the linear scan's tensor-core launcher: ran (True) or declined (False)."""
+    from linattn.backends import _cuda_chunk
+
+    return _record_calls(monkeypatch, _cuda_chunk, "chunked_linear_scan")
+
+
+@pytest.fixture
+def delta_tensor_core_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The calls of the delta rule's tensor-core launcher: ran (True) or declined (False)."""
+    from linattn.backends import _cuda_delta_chunk
+
+    return _record_calls(monkeypatch, _cuda_delta_chunk, "chunked_delta_scan")
 
 
 @pytest.mark.usefixtures("nan_memory")
@@ -298,7 +311,7 @@ def _delta_inputs(problem: dict[str, Any], groups: int = 1) -> dict[str, Any]:
         "q": store(rng.standard_normal((*lead[:-1], groups, T, Dk)) / np.sqrt(Dk)),
         "k": store(k / np.linalg.norm(k, axis=-1, keepdims=True)),  # |k| = 1: the state cannot grow
         "v": store(rng.standard_normal((*lead, T, Dv))),
-        "beta": store(rng.uniform(0, 1, (*lead, T, 1 if problem["beta"] == "step" else Dv))),
+        "beta": store(rng.uniform(0, problem.get("beta_max", 1.0), (*lead, T, 1 if problem["beta"] == "step" else Dv))),
         "g": store(_log_gates(rng, (*lead, T, 1), problem["regime"])) if problem["gated"] else None,
         "initial_state": rng.standard_normal((*lead, Dk, Dv)) if problem["initial"] else None,
     }
@@ -315,6 +328,97 @@ def test_delta_kernel_matches_the_reference(cp: Any, problem: dict[str, Any]) ->
     n = T * Dk
     _check(o, o_ref, problem["dtype"], n, f"outputs of {problem}")
     _check(s, s_ref, "float32" if problem["dtype"] == "float16" else problem["dtype"], n, f"final state of {problem}")
+
+
+# (Dk, Dv) pairs the delta rule's tensor-core kernels cover (Dk <= 128, tiles of whole warps).
+DELTA_TENSOR_CORE_DIMS = ((16, 64), (32, 32), (32, 128), (64, 64), (64, 256), (128, 32), (128, 128), (128, 256))
+
+
+@st.composite
+def delta_tensor_core_problems(draw: Any) -> dict[str, Any]:
+    """The calls the delta rule's tensor-core kernels cover: 16-bit data, β and the gate per step, Dk <= 128."""
+    Dk, Dv = draw(st.sampled_from(DELTA_TENSOR_CORE_DIMS))
+    return {
+        "lead": (draw(st.integers(1, 2)), draw(st.integers(1, 3))), "T": draw(st.integers(1, 300)), "Dk": Dk,
+        "Dv": Dv, "beta": "step", "beta_max": draw(st.sampled_from([1.0, 2.0])), "gated": draw(st.booleans()),
+        "regime": draw(st.sampled_from(["mild", "extreme", "mixed"])), "initial": draw(st.booleans()),
+        "dtype": "float16", "seed": draw(st.integers(0, 2**31)),
+    }
+
+
+@pytest.mark.usefixtures("nan_memory")
+@GPU_SETTINGS
+@given(delta_tensor_core_problems(), st.integers(1, 2))
+def test_delta_tensor_core_kernels_match_the_reference(cp: Any, delta_tensor_core_calls: list[bool],
+                                                       problem: dict[str, Any], groups: int) -> None:
+    """cuda/delta_chunk.cu against the loop: GQA, β up to 2 (negative eigenvalues), every gate regime.
+
+    With |k| = 1 and β in [0, 2] every transition is a contraction (eigenvalues in
+    [−1, 1]; the "mixed" gates' growth is bounded over these lengths), so rounding errors
+    do not grow through the chunks and the forward kernel's tolerance applies.
+    """
+    host = _delta_inputs(problem, groups)
+    o_ref, s_ref = delta_scan(**host, form="recurrent")
+    delta_tensor_core_calls.clear()
+    o, s = delta_scan(**_to_device(cp, host, "float16"), backend="cupy")
+    assert delta_tensor_core_calls == [True]  # this call ran on the tensor-core kernels
+    n = problem["T"] * problem["Dk"]
+    _check(o, o_ref, "float16", n, f"outputs of {problem}, groups={groups}")
+    _check(s, s_ref, "float32", n, f"final state of {problem}, groups={groups}")
+
+
+@pytest.mark.usefixtures("nan_memory")
+def test_delta_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: Any,
+                                                                         delta_tensor_core_calls: list[bool]) -> None:
+    """T = 2500, gated (40 chunks): the reference, two runs bitwise equal, a prefix run against the long run."""
+    problem = {"lead": (2, 2), "T": 2500, "Dk": 128, "Dv": 128, "beta": "step", "gated": True, "regime": "mild",
+               "initial": True, "dtype": "float16", "seed": 23}
+    host = _delta_inputs(problem)
+    host["g"] = host["g"] / 64  # a slow decay, so that early steps still matter at the end
+    dev = _to_device(cp, host, "float16")
+    first, second = (delta_scan(**dev, backend="cupy") for _ in range(2))
+    assert bool(cp.all(first[0] == second[0])) and bool(cp.all(first[1] == second[1]))
+    o_ref, s_ref = delta_scan(**host)
+    _check(first[0], o_ref, "float16", 2500 * 128, "outputs of the long run")
+    _check(first[1], s_ref, "float32", 2500 * 128, "final state of the long run")
+    P = 1234
+    o_prefix, _ = delta_scan(**{n: x if n == "initial_state" else x[..., :P, :] for n, x in dev.items()},
+                             backend="cupy")
+    # Not bitwise: float16's power-of-two scales follow the maxima of whole chunks, and the
+    # long run's last chunk of the prefix holds later steps too (the scaled values' low
+    # parts can round differently in float16's subnormal range).
+    _check(o_prefix, cp.asnumpy(first[0][..., :P, :]).astype(np.float64), "float16", P * 128, "prefix run vs long run")
+    assert delta_tensor_core_calls == [True] * 3
+
+
+def test_delta_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, delta_tensor_core_calls: list[bool]) -> None:
+    """PyTorch bfloat16 (B, T, H, D) data as (B, H, T, D) views, GQA by broadcasting: no float32 copy in or out."""
+    torch = _torch_with_cuda()
+    rng = np.random.default_rng(24)
+    B, T, H, G, D = 2, 333, 2, 2, 128
+    k = rng.standard_normal((B, T, H, D))
+    host = {"q": rng.standard_normal((B, T, H, G, D)) / np.sqrt(D), "k": k / np.linalg.norm(k, axis=-1, keepdims=True),
+            "v": rng.standard_normal((B, T, H, D)), "beta": rng.uniform(0, 1, (B, T, H)),
+            "g": -rng.uniform(0, 0.5, (B, T, H))}
+    tensors = {n: torch.tensor(x, dtype=torch.bfloat16, device="cuda") for n, x in host.items()}
+    rounded = {n: t.double().cpu().numpy() for n, t in tensors.items()}
+
+    def heads_first(x: Any, grouped: bool = False) -> Any:  # (B, T, H[, G], D) -> (B, H, G | 1, T, D)
+        if grouped:
+            return x.permute(0, 2, 3, 1, 4) if hasattr(x, "permute") else x.transpose(0, 2, 3, 1, 4)
+        y = x.permute(0, 2, 1, 3) if hasattr(x, "permute") else x.transpose(0, 2, 1, 3)
+        return y[:, :, None]
+
+    def operands(a: dict[str, Any]) -> dict[str, Any]:
+        return {"q": heads_first(a["q"], grouped=True), "k": heads_first(a["k"]), "v": heads_first(a["v"]),
+                "beta": heads_first(a["beta"][..., None]), "g": heads_first(a["g"][..., None])}
+
+    o, s = delta_scan(**operands(tensors), backend="cupy")
+    assert delta_tensor_core_calls == [True]
+    assert isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    want, want_s = delta_scan(**operands(rounded), form="recurrent")
+    _check(o.double().cpu().numpy(), want, "bfloat16", T * D, "bf16 outputs")
+    _check(s.double().cpu().numpy(), want_s, "float32", T * D, "bf16 run's final state")
 
 
 def _check_delta_gradients(got: Any, ref: Any, host: dict[str, Any], dfinal: np.ndarray | None, dtype: str,

@@ -32,12 +32,6 @@
 // on 16 bytes, and Dk, Dv are multiples of 8 (the launcher checks). A time stride may be
 // negative (a reversed view); a leading stride of 0 broadcasts.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-typedef long long i64;
-typedef unsigned int u32;
-
 #define CH 64                  // chunk length
 #define NWARPS (4 * GROUPS)   // GROUPS sets of four warps, each owning VB of the block's value columns
 #define NTHREADS (NWARPS * 32)
@@ -48,90 +42,9 @@ typedef unsigned int u32;
 #define MT (DKP / 16 / WM)     // state row tiles (16) per warp
 #define NT (VB / 8 / WN)       // state column tiles (8) per warp
 #define ONT (VB / 8)           // output column tiles per warp
-#define FULL 0xffffffffu
+#define SCALED ELEM_HALF       // float16: two-part values kept in range by powers of two
 
-#if ELEM_HALF
-typedef __half ELEM;
-typedef __half2 ELEM2;
-#define MMA_TYPES "f16.f16"
-#define SCALED 1
-__device__ __forceinline__ float to_f(ELEM x) { return __half2float(x); }
-__device__ __forceinline__ ELEM2 make2(float x, float y) { return __floats2half2_rn(x, y); }
-__device__ __forceinline__ float2 from2(ELEM2 x) { return __half22float2(x); }
-#else
-typedef __nv_bfloat16 ELEM;
-typedef __nv_bfloat162 ELEM2;
-#define MMA_TYPES "bf16.bf16"
-#define SCALED 0
-__device__ __forceinline__ float to_f(ELEM x) { return __bfloat162float(x); }
-__device__ __forceinline__ ELEM2 make2(float x, float y) { return __floats2bfloat162_rn(x, y); }
-__device__ __forceinline__ float2 from2(ELEM2 x) { return __bfloat1622float2(x); }
-#endif
-
-__device__ __forceinline__ u32 pack2(float x, float y) {  // x in the low half: the lower column
-    ELEM2 h = make2(x, y);
-    return *reinterpret_cast<u32*>(&h);
-}
-
-__device__ __forceinline__ float2 unpack2(u32 r) { return from2(*reinterpret_cast<ELEM2*>(&r)); }
-
-// (x, y) = hi + lo, each a pair in the storage type.
-__device__ __forceinline__ void split2(float x, float y, u32& hi, u32& lo) {
-    hi = pack2(x, y);
-    const float2 h = unpack2(hi);
-    lo = pack2(x - h.x, y - h.y);
-}
-
-__device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPES ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-// Four 8x8 tiles of 16-bit values; lane l gives the address of row l%8 of tile l/8.
-__device__ __forceinline__ void ldsm(u32 (&r)[4], const ELEM* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_t(u32 (&r)[4], const ELEM* p) {  // the tiles transposed
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
-}
-
-// 16 bytes from global to shared memory, asynchronously; zeros when !valid.
-__device__ __forceinline__ void copy16(ELEM* dst, const ELEM* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL, x, off));
-    return x;
-}
-
-// A power of two that brings m into [2^13, 2^14) (1 for 0, inf or NaN), so that a value of
-// magnitude <= m and its rounding remainder both fit float16.
-__device__ __forceinline__ float pow2_scale(float m) {
-    if (!(m > 0.f) || isinf(m)) return 1.f;
-    int e;
-    frexpf(m, &e);
-    return ldexpf(1.f, max(-126, min(126, 14 - e)));
-}
-
-__device__ __forceinline__ float block_max(const float* per_warp) {
-    float m = per_warp[0];
-#pragma unroll
-    for (int w = 1; w < NWARPS; ++w) m = fmaxf(m, per_warp[w]);
-    return m;
-}
+#include "mma_common.cuh"
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ v,
@@ -256,7 +169,7 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
         if (lane == 0) sred[warp] = m;
     }
     __syncthreads();
-    state_scale = pow2_scale(block_max(sred));
+    state_scale = pow2_scale(max_of<NWARPS>(sred));
 #endif
     share_state(state_scale);
 #endif
@@ -271,101 +184,20 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
         const ELEM* vt = sv + buf * CH * VS;
 #if GATED
         if (n + 1 < n_chunks) g_next = load_gate(n + 1);
-        // G in float64: the decays are e^{G_i - G_j}, and a difference of two long float32
-        // sums would lose the digits of a mild gate behind a strong one (G ~ -1e4).
         double* G = sG + warp * CH;  // each warp its own copy: no block barrier needed
-        [[maybe_unused]] bool factored;
-        {
-            const double x0 = sg[buf * CH + 2 * lane], x1 = sg[buf * CH + 2 * lane + 1];
-            double s = x0 + x1;
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const double y = __shfl_up_sync(FULL, s, off);
-                if (lane >= off) s += y;
-            }
-            double before = __shfl_up_sync(FULL, s, 1);
-            if (lane == 0) before = 0.0;
-            const double last = __shfl_sync(FULL, s, 31), g0 = before + x0;
-            G[2 * lane] = g0;
-            G[2 * lane + 1] = s;
-            // The factors every thread needs once per chunk, computed once per warp.
-            sE[warp * CH + 2 * lane] = expf((float)g0);
-            sE[warp * CH + 2 * lane + 1] = expf((float)s);
-            sW[warp * CH + 2 * lane] = expf((float)(last - g0));
-            sW[warp * CH + 2 * lane + 1] = expf((float)(last - s));
-            // The score decays below the warp's diagonal block, e^{G_i - G_j} for j < r <= i
-            // (r = 16 gw, its first row), as a product e^{G_i - G_r} e^{G_r - G_j}: one factor
-            // per row and per column, C_j = e^{G_r - G_j} (j < r) or e^{G_j - G_r} (j >= r).
-            // Where no gate of the chunk is positive both factors are <= 1, so neither
-            // overflows, and one underflows only where the product does.
-#if WRITE_O
-            const double g_r = __shfl_sync(FULL, g0, 8 * gw);
-            factored = __all_sync(FULL, x0 <= 0.0 && x1 <= 0.0);
-            sC[warp * CH + 2 * lane] = expf((float)(2 * lane < 16 * gw ? g_r - g0 : g0 - g_r));
-            sC[warp * CH + 2 * lane + 1] = expf((float)(2 * lane + 1 < 16 * gw ? g_r - s : s - g_r));
-#endif
-            __syncwarp();
-        }
+        [[maybe_unused]] const bool factored = chunk_decays(sg + buf * CH, 16 * gw, G, sE + warp * CH,
+                                                            sW + warp * CH, sC + warp * CH, WRITE_O);
 #endif
 
 #if WRITE_O
-        // Scores of this warp's rows against the chunk's columns j <= i (column pairs np <= warp).
         const int row0 = gw * 16;
         float sc[8][4];
-#pragma unroll
-        for (int t = 0; t < 8; ++t)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) sc[t][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < DKP / 16; ++kk) {
-            u32 a[4];
-            ldsm(a, qt + (row0 + (lane & 15)) * QKS + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                if (np <= gw) {
-                    u32 b[4];
-                    ldsm(b, kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * QKS + kk * 16 + ((lane >> 3) & 1) * 8);
-                    mma(sc[2 * np], a, b[0], b[1]);
-                    mma(sc[2 * np + 1], a, b[2], b[3]);
-                }
-            }
-        }
-        // Causal mask (on the diagonal column pair t/2 = gw) and decay e^{G_i - G_j} (for t/2 <= gw;
-        // the tiles past the diagonal were never computed and hold zeros).
 #if GATED
-        const float* C = sC + warp * CH;
-        const float row_factor[2] = {C[row0 + gid], C[row0 + gid + 8]};
+        causal_scores(sc, qt, kt, gw, G, sC + warp * CH, factored);
+#else
+        causal_scores(sc, qt, kt, gw, nullptr, nullptr, false);
 #endif
-#pragma unroll
-        for (int t = 0; t < 8; ++t) {
-            if (t / 2 > gw) continue;
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = row0 + gid + (e >> 1) * 8, j = t * 8 + 2 * tig + (e & 1);
-                if (t / 2 < gw) {  // below the diagonal block: j < i
-#if GATED
-                    sc[t][e] *= factored ? row_factor[e >> 1] * C[j] : expf((float)(G[i] - G[j]));
-#endif
-                    continue;
-                }
-                float x = j <= i ? sc[t][e] : 0.f;
-#if GATED
-                if (j <= i) x *= expf((float)(G[i] - G[j]));
-#endif
-                sc[t][e] = x;
-            }
-        }
-        float score_scale = 1.f;
-#if SCALED
-        {
-            float m = 0.f;
-#pragma unroll
-            for (int t = 0; t < 8; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(sc[t][e]));
-            score_scale = pow2_scale(warp_max(m));
-        }
-#endif
+        const float score_scale = score_scale_of(sc);
         // O = Q x (S state_scale), then rescaled by e^{G_i} score_scale / state_scale.
         float O[ONT][4];
 #pragma unroll
@@ -520,7 +352,7 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
 #if WRITE_O
         if (n + 1 < n_chunks) {
 #if SCALED
-            state_scale = pow2_scale(block_max(sred));
+            state_scale = pow2_scale(max_of<NWARPS>(sred));
 #endif
             share_state(state_scale);
         }

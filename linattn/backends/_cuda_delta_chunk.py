@@ -1,0 +1,155 @@
+"""Launcher for the delta rule on tensor cores in ``cuda/delta_chunk.cu``.
+
+It covers what the delta rule's kernels see most: float16 or bfloat16 data, one β per
+step, no gate or one log-gate per step (DeltaNet, Gated DeltaNet), Dk ≤ 128 and Dv
+multiples of 8, and operands whose rows start on 16 bytes. Anything else is declined
+(None) and :func:`linattn.backends._cuda_scan.delta_scan` runs its CUDA-core kernel.
+
+Two launches. ``delta_chunk_prepare`` runs every chunk of 64 steps at once: the WY/UT
+factors W = (I + L)⁻¹ diag(β e^G) K (stored negated, in two parts of the storage type)
+and U_free = (I + L)⁻¹ diag(β) V (float32), where nothing depends on the state.
+``delta_chunk_scan`` then walks each (leading index, tile of value columns) through its
+chunks in order with the state in registers: U = U_free − W S, the outputs, the update.
+The two intermediates cost (2·Dk·2 + Dv·4) bytes per step and leading index of k and v,
+written once and read once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from linattn.backends import _cuda_scan as cs
+from linattn.backends._cuda_chunk import _shared_limit
+
+# Tests and benchmarks switch the kernel off to compare with the CUDA-core one.
+ENABLED = True
+
+_CHUNK = 64
+_GROUP_WARPS = 4
+_MAX_DK = 128
+_PREPARE_THREADS = 128
+
+
+@dataclass(frozen=True)
+class _ScanPlan:
+    """The scan's tiling: padded keys, value columns per group of four warps, groups, warps along the state's rows."""
+
+    dkp: int
+    vb: int
+    groups: int
+    wm: int
+
+    @property
+    def columns(self) -> int:
+        return self.groups * self.vb
+
+    @property
+    def threads(self) -> int:
+        return 32 * _GROUP_WARPS * self.groups
+
+    @property
+    def shared_bytes(self) -> int:
+        return _scan_shared_bytes(self.dkp, self.columns, self.groups)
+
+
+def _scan_shared_bytes(dkp: int, columns: int, groups: int) -> int:
+    """The scan's shared memory: q and k tiles twice, W (two parts), U (two parts), the state (two parts), gates.
+
+    The gates: two chunks of log-gates (float32), and per warp the chunk's cumulative
+    log-gates (float64) with their row, key and score decay factors (float32 each).
+    """
+    qk, vs = dkp + 8, columns + 8
+    elements = 4 * _CHUNK * qk + 2 * _CHUNK * qk + 2 * _CHUNK * vs + 2 * dkp * vs
+    warps = _GROUP_WARPS * groups
+    return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4 + 4) * warps * _CHUNK + 4 * 2 * warps
+
+
+def _prepare_shared_bytes(dkp: int, dvp: int) -> int:
+    """The preparation's shared memory: k and v tiles, A diag(β) and A diag(β e^G) in two parts, L, gates."""
+    elements = _CHUNK * (dkp + 8) + _CHUNK * (dvp + 8) + 4 * _CHUNK * (_CHUNK + 8)
+    return 2 * elements + 4 * _CHUNK * (_CHUNK + 4) + 4 * 4 * _CHUNK + 4 * 8 + 8 * _CHUNK
+
+
+@functools.cache
+def _scan_plan(dtype: str, Dk: int, Dv: int, shared_limit: int) -> _ScanPlan | None:
+    """The scan's tiling for these sizes, or None when the kernels do not cover them."""
+    if dtype not in ("float16", "bfloat16") or Dk % 8 or Dv % 8 or Dk > _MAX_DK:
+        return None
+    dkp = 16 * math.ceil(Dk / 16)
+    if _prepare_shared_bytes(dkp, 16 * math.ceil(Dv / 16)) > shared_limit:
+        return None
+    vb = min(64, 16 * math.ceil(Dv / 16))
+    groups = 2 if Dv > vb and _scan_shared_bytes(dkp, 2 * vb, 2) <= shared_limit else 1
+    for wm in (4, 2, 1):  # state tiles of ≥ 2 column tiles (one ldmatrix.x4 of U each)
+        wn = _GROUP_WARPS // wm
+        if (dkp // 16) % wm == 0 and (vb // 8) % wn == 0 and (vb // 8 // wn) % 2 == 0:
+            plan = _ScanPlan(dkp, vb, groups, wm)
+            return plan if plan.shared_bytes <= shared_limit else None
+    return None
+
+
+def _lead_index_strides(own: tuple[int, int, int], full: tuple[int, int, int]) -> list[int]:
+    """Strides that turn an index of ``full`` into one of ``own`` (C order; 0 where ``own`` broadcasts)."""
+    strides, step = [], 1
+    for n_own, n_full in zip(reversed(own), reversed(full), strict=True):
+        strides.insert(0, step if n_own == n_full else 0)
+        step *= n_own
+    return strides
+
+
+def chunked_delta_scan(call: cs.Call) -> tuple[Any, Any] | None:
+    """The scan of ``delta_scan`` on tensor cores, with one β and at most one log-gate per step.
+
+    ``call`` holds the operands q, k, v, beta, g, state; returns ``(o, final_state)`` in
+    the caller's library, or None when the kernels do not cover the call.
+    """
+    qr, kr, vr, br, gr, sr = call.refs
+    if not ENABLED or br.shape[-1] != 1 or (gr is not None and gr.shape[-1] != 1):
+        return None
+    T, Dk, Dv = qr.shape[-2], qr.shape[-1], vr.shape[-1]
+    plan = _scan_plan(call.dtype, Dk, Dv, _shared_limit(call.device))
+    present = [r for r in call.refs if r is not None]
+    lead = cs.broadcast_lead(tuple(r.shape for r in present)) if all(len(r.shape) >= 2 for r in present) else None
+    if plan is None or T == 0 or lead is None or len(lead) > 3:
+        return None
+    qo, ko, vo, bo, go = (cs.operand(r) for r in (qr, kr, vr, br, gr))
+    # Rows on 16 bytes (8 elements) for cp.async; β and g are read a value at a time.
+    if cs._vector_width([qo, ko, vo], 2, 8, 8) != 8:
+        return None
+    pad = lambda shape: (1,) * (3 - len(shape)) + shape  # noqa: E731
+    lead3 = pad(lead)
+    kv3 = pad(cs.broadcast_lead(tuple(r.shape for r in (kr, vr, br, gr) if r is not None)))
+    n_lead, n_kv = math.prod(lead3), math.prod(kv3)
+    n_chunks = math.ceil(T / _CHUNK)
+    rows = n_chunks * _CHUNK
+    half, gated = int(call.dtype == "float16"), int(go is not None)
+    run = call.launcher()
+
+    # The intermediates, held (by these names) until both launches are queued.
+    _w_hi, w_hi_ptr = call.empty((n_kv, rows, Dk))
+    _w_lo, w_lo_ptr = call.empty((n_kv, rows, Dk))
+    _w_scale, w_scale_ptr = call.empty((n_kv, n_chunks), "float32")
+    _u_free, u_free_ptr = call.empty((n_kv, rows, Dv), "float32")
+    dvp = 16 * math.ceil(Dv / 16)
+    run("delta_chunk.cu", "delta_chunk_prepare", {"ELEM_HALF": half, "GATED": gated, "DKP": plan.dkp, "DVP": dvp},
+        (n_chunks, n_kv, 1), _PREPARE_THREADS,
+        [ko.ptr, vo.ptr, bo.ptr, (go or ko).ptr, w_hi_ptr, w_lo_ptr, w_scale_ptr, u_free_ptr, T, Dk, Dv,
+         kv3[1], kv3[2], *ko.strides, *vo.strides, *bo.strides, *cs._strides(go)],
+        _prepare_shared_bytes(plan.dkp, dvp))
+
+    o, oo = call.output(lead, T, Dv)
+    s_out, s_out_ptr = call.empty((n_lead, Dk, Dv), "float32")
+    s_in, s_in_strides = cs.state_in(sr)
+    col_blocks = math.ceil(Dv / plan.columns)
+    defines = {"ELEM_HALF": half, "GATED": gated, "DKP": plan.dkp, "VB": plan.vb, "GROUPS": plan.groups,
+               "WM": plan.wm, "HAS_SIN": int(s_in != 0)}
+    run("delta_chunk.cu", "delta_chunk_scan", defines, (n_lead * col_blocks, 1, 1), plan.threads,
+        [qo.ptr, ko.ptr, w_hi_ptr, w_lo_ptr, w_scale_ptr, u_free_ptr, (go or qo).ptr, s_in or s_out_ptr, oo.ptr,
+         s_out_ptr, T, Dk, Dv, lead3[1], lead3[2], col_blocks, *qo.strides, *ko.strides, *oo.strides,
+         *cs._strides(go), *_lead_index_strides(kv3, lead3), *s_in_strides],
+        plan.shared_bytes)
+    state_lead = cs.broadcast_lead(tuple(r.shape for r in (kr, vr, br, gr, sr) if r is not None))
+    return o, cs.final_state(s_out, lead3, state_lead, Dk, Dv)

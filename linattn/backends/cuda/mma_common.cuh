@@ -1,0 +1,225 @@
+// Shared by the tensor-core chunked kernels (chunk_mma.cu, delta_chunk.cu): 16-bit types,
+// mma.sync m16n8k16 with float32 accumulation, ldmatrix, cp.async, two-part (hi + lo)
+// operands, power-of-two scales for float16, and the per-chunk work both kernels repeat —
+// the chunk's cumulative log-gates and decay factors, and the causal decayed scores.
+//
+// The including file defines, before including this: ELEM_HALF (float16, else bfloat16),
+// CH (steps per chunk, 64), DKP (keys padded to 16), QKS (shared row stride of q and k
+// tiles, in elements), GATED (a log-gate per step) and SCALED (float16: keep two-part
+// values in range by powers of two).
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+typedef long long i64;
+typedef unsigned int u32;
+
+#define FULL 0xffffffffu
+
+#if ELEM_HALF
+typedef __half ELEM;
+typedef __half2 ELEM2;
+#define MMA_TYPES "f16.f16"
+__device__ __forceinline__ float to_f(ELEM x) { return __half2float(x); }
+__device__ __forceinline__ ELEM from_f(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ ELEM2 make2(float x, float y) { return __floats2half2_rn(x, y); }
+__device__ __forceinline__ float2 from2(ELEM2 x) { return __half22float2(x); }
+#else
+typedef __nv_bfloat16 ELEM;
+typedef __nv_bfloat162 ELEM2;
+#define MMA_TYPES "bf16.bf16"
+__device__ __forceinline__ float to_f(ELEM x) { return __bfloat162float(x); }
+__device__ __forceinline__ ELEM from_f(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ ELEM2 make2(float x, float y) { return __floats2bfloat162_rn(x, y); }
+__device__ __forceinline__ float2 from2(ELEM2 x) { return __bfloat1622float2(x); }
+#endif
+
+__device__ __forceinline__ u32 pack2(float x, float y) {  // x in the low half: the lower column
+    ELEM2 h = make2(x, y);
+    return *reinterpret_cast<u32*>(&h);
+}
+
+__device__ __forceinline__ float2 unpack2(u32 r) { return from2(*reinterpret_cast<ELEM2*>(&r)); }
+
+// (x, y) = hi + lo, each a pair in the storage type.
+__device__ __forceinline__ void split2(float x, float y, u32& hi, u32& lo) {
+    hi = pack2(x, y);
+    const float2 h = unpack2(hi);
+    lo = pack2(x - h.x, y - h.y);
+}
+
+// d += a b: a 16x16 tile of A (row-major fragments), a 16x8 tile of B (column fragments).
+__device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPES ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// Four 8x8 tiles of 16-bit values; lane l gives the address of row l%8 of tile l/8.
+__device__ __forceinline__ void ldsm(u32 (&r)[4], const ELEM* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_t(u32 (&r)[4], const ELEM* p) {  // the tiles transposed
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
+}
+
+// 16 bytes from global to shared memory, asynchronously; zeros when !valid.
+__device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL, x, off));
+    return x;
+}
+
+// A power of two that brings m into [2^13, 2^14) (1 for 0, inf or NaN), so that a value of
+// magnitude <= m and its rounding remainder both fit float16.
+__device__ __forceinline__ float pow2_scale(float m) {
+    if (!(m > 0.f) || isinf(m)) return 1.f;
+    int e;
+    frexpf(m, &e);
+    return ldexpf(1.f, max(-126, min(126, 14 - e)));
+}
+
+template <int N>
+__device__ __forceinline__ float max_of(const float* per_warp) {
+    float m = per_warp[0];
+#pragma unroll
+    for (int w = 1; w < N; ++w) m = fmaxf(m, per_warp[w]);
+    return m;
+}
+
+// Stage rows [0, ROWS) x columns [0, COLS) of a tile into shared memory (row stride
+// `shared_stride`), 16 bytes per thread and step, asynchronously: row r from `base + r *
+// stride`; rows at or past `valid_rows` and columns at or past `valid_cols` become zeros.
+template <int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ void stage_tile(ELEM* dst, int shared_stride, const ELEM* base, i64 stride,
+                                           i64 valid_rows, int valid_cols) {
+    constexpr int PIECES = COLS / 8;
+#pragma unroll
+    for (int it = 0; it < (ROWS * PIECES + THREADS - 1) / THREADS; ++it) {
+        const int p = threadIdx.x + it * THREADS, r = p / PIECES, c = (p % PIECES) * 8;
+        if (ROWS * PIECES % THREADS != 0 && p >= ROWS * PIECES) break;
+        const bool ok = r < valid_rows && c < valid_cols;
+        copy16(dst + r * shared_stride + c, base + (ok ? r * stride + c : 0), ok);
+    }
+}
+
+#if GATED
+// The chunk's cumulative log-gates and the decay factors that every thread of the warp
+// needs, computed by one warp for its own use (no block barrier): G_i = g_0 + ... + g_i
+// in float64 (the decays are e^{G_i - G_j}, and a difference of two long float32 sums
+// would lose the digits of a mild gate behind a strong one, G ~ -1e4); E_i = e^{G_i};
+// K_j = e^{G_{C-1} - G_j}, the keys' decays to the chunk's end; and, with `scores`, the
+// factors of the score decays below the diagonal block of the warp whose first row is r:
+// e^{G_i - G_j} = e^{G_i - G_r} e^{G_r - G_j} for j < r <= i, one factor per row and one
+// per column, C_j = e^{G_r - G_j} (j < r) or e^{G_j - G_r} (j >= r). Returns whether the
+// factored form holds: where no gate of the chunk is positive both factors are <= 1, so
+// neither overflows, and one underflows only where the product does.
+__device__ __forceinline__ bool chunk_decays(const float* gates, int first_row, double* G, float* E, float* K,
+                                            float* C, bool scores) {
+    const int lane = threadIdx.x & 31;
+    const double x0 = gates[2 * lane], x1 = gates[2 * lane + 1];
+    double s = x0 + x1;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const double y = __shfl_up_sync(FULL, s, off);
+        if (lane >= off) s += y;
+    }
+    double before = __shfl_up_sync(FULL, s, 1);
+    if (lane == 0) before = 0.0;
+    const double last = __shfl_sync(FULL, s, 31), g0 = before + x0;
+    G[2 * lane] = g0;
+    G[2 * lane + 1] = s;
+    E[2 * lane] = expf((float)g0);
+    E[2 * lane + 1] = expf((float)s);
+    K[2 * lane] = expf((float)(last - g0));
+    K[2 * lane + 1] = expf((float)(last - s));
+    bool factored = false;
+    if (scores) {
+        const double g_r = __shfl_sync(FULL, g0, first_row / 2);
+        factored = __all_sync(FULL, x0 <= 0.0 && x1 <= 0.0);
+        C[2 * lane] = expf((float)(2 * lane < first_row ? g_r - g0 : g0 - g_r));
+        C[2 * lane + 1] = expf((float)(2 * lane + 1 < first_row ? g_r - s : s - g_r));
+    }
+    __syncwarp();
+    return factored;
+}
+#endif
+
+// Scores of the warp's 16 rows (from `row0 = 16 gw`) against the chunk's columns j <= i:
+// sc[t] holds columns 8t .. 8t+7, (q_i . k_j) e^{G_i - G_j} (without a gate, q_i . k_j),
+// masked to j <= i; the tiles past the diagonal block are never computed and hold zeros.
+// G, C and `factored` are chunk_decays' (unused without a gate).
+__device__ __forceinline__ void causal_scores(float (&sc)[8][4], const ELEM* qt, const ELEM* kt, int gw,
+                                              [[maybe_unused]] const double* G, [[maybe_unused]] const float* C,
+                                              [[maybe_unused]] bool factored) {
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3, row0 = gw * 16;
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[t][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DKP / 16; ++kk) {
+        u32 a[4];
+        ldsm(a, qt + (row0 + (lane & 15)) * QKS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            if (np <= gw) {
+                u32 b[4];
+                ldsm(b, kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * QKS + kk * 16 + ((lane >> 3) & 1) * 8);
+                mma(sc[2 * np], a, b[0], b[1]);
+                mma(sc[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+    }
+#if GATED
+    const float row_factor[2] = {factored ? C[row0 + gid] : 1.f, factored ? C[row0 + gid + 8] : 1.f};
+#endif
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        if (t / 2 > gw) continue;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = row0 + gid + (e >> 1) * 8, j = t * 8 + 2 * tig + (e & 1);
+            if (t / 2 < gw) {  // below the diagonal block: j < i
+#if GATED
+                sc[t][e] *= factored ? row_factor[e >> 1] * C[j] : expf((float)(G[i] - G[j]));
+#endif
+                continue;
+            }
+            float x = j <= i ? sc[t][e] : 0.f;
+#if GATED
+            if (j <= i) x *= expf((float)(G[i] - G[j]));
+#endif
+            sc[t][e] = x;
+        }
+    }
+}
+
+// The power of two that keeps the warp's scores and their remainders in float16's range
+// (1 for bfloat16, whose range is float32's).
+__device__ __forceinline__ float score_scale_of(const float (&sc)[8][4]) {
+#if SCALED
+    float m = 0.f;
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(sc[t][e]));
+    return pow2_scale(warp_max(m));
+#else
+    return 1.f;
+#endif
+}
