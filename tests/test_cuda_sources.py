@@ -64,7 +64,7 @@ def test_delta_tensor_core_plans_fit_and_cover_the_columns() -> None:
         if plan is None:
             continue
         wn = 4 // plan.wm
-        assert plan.shared_bytes <= limit and dc._prepare_shared_bytes(plan.dkp, 16 * -(-Dv // 16)) <= limit
+        assert plan.shared_bytes <= limit and dc._prepare_shared_bytes(plan.dkp) <= limit
         assert plan.dkp >= Dk and plan.dkp % (16 * plan.wm) == 0, (Dk, Dv, plan)
         assert (plan.vb // 8) % wn == 0 and (plan.vb // 8 // wn) % 2 == 0, (Dk, Dv, plan)
     assert dc._scan_plan("bfloat16", 128, 128, limit) == dc._ScanPlan(128, 64, 2, 4)

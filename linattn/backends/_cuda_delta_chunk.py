@@ -6,12 +6,11 @@ multiples of 8, and operands whose rows start on 16 bytes. Anything else is decl
 (None) and :func:`linattn.backends._cuda_scan.delta_scan` runs its CUDA-core kernel.
 
 Two launches. ``delta_chunk_prepare`` runs every chunk of 64 steps at once: the WY/UT
-factors W = (I + L)⁻¹ diag(β e^G) K (stored negated, in two parts of the storage type)
-and U_free = (I + L)⁻¹ diag(β) V (float32), where nothing depends on the state.
-``delta_chunk_scan`` then walks each (leading index, tile of value columns) through its
-chunks in order with the state in registers: U = U_free − W S, the outputs, the update.
-The two intermediates cost (2·Dk·2 + Dv·4) bytes per step and leading index of k and v,
-written once and read once.
+factor A = (I + L)⁻¹ diag(β) of the chunk (64 × 64, in two parts of the storage type),
+which does not depend on the state. ``delta_chunk_scan`` then walks each (leading index,
+tile of value columns) through its chunks in order with the state in registers: the
+corrections U = A (V − e^G ⊙ K S), the outputs, the update. A costs 4·64 bytes per step
+and leading index of k, written once and read once per tile of value columns.
 """
 
 from __future__ import annotations
@@ -56,21 +55,21 @@ class _ScanPlan:
 
 
 def _scan_shared_bytes(dkp: int, columns: int, groups: int) -> int:
-    """The scan's shared memory: q and k tiles twice, W (two parts), U (two parts), the state (two parts), gates.
+    """The scan's shared memory: q and k tiles twice, v, A (two parts), R/U (two parts), the state (two parts), gates.
 
-    The gates: two chunks of log-gates (float32), and per warp the chunk's cumulative
-    log-gates (float64) with their row, key and score decay factors (float32 each).
+    The gates: two chunks of log-gates (float32), per warp the chunk's cumulative
+    log-gates (float64) with their row, key and score decay factors (float32 each), and
+    three per-warp maxima.
     """
-    qk, vs = dkp + 8, columns + 8
-    elements = 4 * _CHUNK * qk + 2 * _CHUNK * qk + 2 * _CHUNK * vs + 2 * dkp * vs
+    qk, vs, a = dkp + 8, columns + 8, _CHUNK + 8
+    elements = 4 * _CHUNK * qk + _CHUNK * vs + 2 * _CHUNK * a + 2 * _CHUNK * vs + 2 * dkp * vs
     warps = _GROUP_WARPS * groups
-    return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4 + 4) * warps * _CHUNK + 4 * 2 * warps
+    return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4 + 4) * warps * _CHUNK + 4 * 3 * warps
 
 
-def _prepare_shared_bytes(dkp: int, dvp: int) -> int:
-    """The preparation's shared memory: k and v tiles, A diag(β) and A diag(β e^G) in two parts, L, gates."""
-    elements = _CHUNK * (dkp + 8) + _CHUNK * (dvp + 8) + 4 * _CHUNK * (_CHUNK + 8)
-    return 2 * elements + 4 * _CHUNK * (_CHUNK + 4) + 4 * 4 * _CHUNK + 4 * 8 + 8 * _CHUNK
+def _prepare_shared_bytes(dkp: int) -> int:
+    """The preparation's shared memory: the k tile, L (float32), β, g and two unused factor rows, G (float64)."""
+    return 2 * _CHUNK * (dkp + 8) + 4 * _CHUNK * (_CHUNK + 4) + 4 * 4 * _CHUNK + 4 * 4 + 8 * _CHUNK
 
 
 @functools.cache
@@ -79,8 +78,6 @@ def _scan_plan(dtype: str, Dk: int, Dv: int, shared_limit: int) -> _ScanPlan | N
     if dtype not in ("float16", "bfloat16") or Dk % 8 or Dv % 8 or Dk > _MAX_DK:
         return None
     dkp = 16 * math.ceil(Dk / 16)
-    if _prepare_shared_bytes(dkp, 16 * math.ceil(Dv / 16)) > shared_limit:
-        return None
     vb = min(64, 16 * math.ceil(Dv / 16))
     groups = 2 if Dv > vb and _scan_shared_bytes(dkp, 2 * vb, 2) <= shared_limit else 1
     for wm in (4, 2, 1):  # state tiles of ≥ 2 column tiles (one ldmatrix.x4 of U each)
@@ -121,24 +118,21 @@ def chunked_delta_scan(call: cs.Call) -> tuple[Any, Any] | None:
         return None
     pad = lambda shape: (1,) * (3 - len(shape)) + shape  # noqa: E731
     lead3 = pad(lead)
-    kv3 = pad(cs.broadcast_lead(tuple(r.shape for r in (kr, vr, br, gr) if r is not None)))
+    kv3 = pad(cs.broadcast_lead(tuple(r.shape for r in (kr, br, gr) if r is not None)))
     n_lead, n_kv = math.prod(lead3), math.prod(kv3)
     n_chunks = math.ceil(T / _CHUNK)
-    rows = n_chunks * _CHUNK
     half, gated = int(call.dtype == "float16"), int(go is not None)
     run = call.launcher()
 
-    # The intermediates, held (by these names) until both launches are queued.
-    _w_hi, w_hi_ptr = call.empty((n_kv, rows, Dk))
-    _w_lo, w_lo_ptr = call.empty((n_kv, rows, Dk))
-    _w_scale, w_scale_ptr = call.empty((n_kv, n_chunks), "float32")
-    _u_free, u_free_ptr = call.empty((n_kv, rows, Dv), "float32")
-    dvp = 16 * math.ceil(Dv / 16)
-    run("delta_chunk.cu", "delta_chunk_prepare", {"ELEM_HALF": half, "GATED": gated, "DKP": plan.dkp, "DVP": dvp},
+    # A and its scales, held (by these names) until both launches are queued.
+    _a_hi, a_hi_ptr = call.empty((n_kv, n_chunks, _CHUNK, _CHUNK))
+    _a_lo, a_lo_ptr = call.empty((n_kv, n_chunks, _CHUNK, _CHUNK))
+    _a_scale, a_scale_ptr = call.empty((n_kv, n_chunks), "float32")
+    run("delta_chunk.cu", "delta_chunk_prepare", {"ELEM_HALF": half, "GATED": gated, "DKP": plan.dkp, "PREPARE": 1},
         (n_chunks, n_kv, 1), _PREPARE_THREADS,
-        [ko.ptr, vo.ptr, bo.ptr, (go or ko).ptr, w_hi_ptr, w_lo_ptr, w_scale_ptr, u_free_ptr, T, Dk, Dv,
-         kv3[1], kv3[2], *ko.strides, *vo.strides, *bo.strides, *cs._strides(go)],
-        _prepare_shared_bytes(plan.dkp, dvp))
+        [ko.ptr, bo.ptr, (go or ko).ptr, a_hi_ptr, a_lo_ptr, a_scale_ptr, T, Dk, kv3[1], kv3[2], *ko.strides,
+         *bo.strides, *cs._strides(go)],
+        _prepare_shared_bytes(plan.dkp))
 
     o, oo = call.output(lead, T, Dv)
     s_out, s_out_ptr = call.empty((n_lead, Dk, Dv), "float32")
@@ -147,8 +141,8 @@ def chunked_delta_scan(call: cs.Call) -> tuple[Any, Any] | None:
     defines = {"ELEM_HALF": half, "GATED": gated, "DKP": plan.dkp, "VB": plan.vb, "GROUPS": plan.groups,
                "WM": plan.wm, "HAS_SIN": int(s_in != 0)}
     run("delta_chunk.cu", "delta_chunk_scan", defines, (n_lead * col_blocks, 1, 1), plan.threads,
-        [qo.ptr, ko.ptr, w_hi_ptr, w_lo_ptr, w_scale_ptr, u_free_ptr, (go or qo).ptr, s_in or s_out_ptr, oo.ptr,
-         s_out_ptr, T, Dk, Dv, lead3[1], lead3[2], col_blocks, *qo.strides, *ko.strides, *oo.strides,
+        [qo.ptr, ko.ptr, vo.ptr, a_hi_ptr, a_lo_ptr, a_scale_ptr, (go or qo).ptr, s_in or s_out_ptr, oo.ptr,
+         s_out_ptr, T, Dk, Dv, lead3[1], lead3[2], col_blocks, *qo.strides, *ko.strides, *vo.strides, *oo.strides,
          *cs._strides(go), *_lead_index_strides(kv3, lead3), *s_in_strides],
         plan.shared_bytes)
     state_lead = cs.broadcast_lead(tuple(r.shape for r in (kr, vr, br, gr, sr) if r is not None))
