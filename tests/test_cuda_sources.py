@@ -58,13 +58,25 @@ def test_delta_tensor_core_plans_fit_and_cover_the_columns() -> None:
 
     limit = 227 * 1024
     for dtype, Dk, Dv in itertools.product(["float16", "bfloat16", "float32"], range(8, 257, 8), range(8, 257, 8)):
-        plan = dc._scan_plan(dtype, Dk, Dv, limit)
+        plans = dc._scan_plans(dtype, Dk, Dv, limit)
         if dtype == "float32" or Dk > 128:
-            assert plan is None
-        if plan is None:
-            continue
-        wn = 4 // plan.wm
-        assert plan.shared_bytes <= limit and dc._prepare_shared_bytes(plan.dkp) <= limit
-        assert plan.dkp >= Dk and plan.dkp % (16 * plan.wm) == 0, (Dk, Dv, plan)
-        assert (plan.vb // 8) % wn == 0 and (plan.vb // 8 // wn) % 2 == 0, (Dk, Dv, plan)
-    assert dc._scan_plan("bfloat16", 128, 128, limit) == dc._ScanPlan(128, 64, 2, 4)
+            assert plans == ()
+        for plan in plans:
+            wn = 4 // plan.wm
+            assert plan.shared_bytes <= limit and dc._prepare_shared_bytes(plan.dkp) <= limit
+            assert plan.dkp >= Dk and plan.dkp % (16 * plan.wm) == 0, (Dk, Dv, plan)
+            assert (plan.vb // 8) % wn == 0 and (plan.vb // 8 // wn) % 2 == 0, (Dk, Dv, plan)
+        assert [p.columns for p in plans] == sorted((p.columns for p in plans), reverse=True)
+
+
+def test_delta_tensor_core_tiles_narrow_when_the_leading_indices_are_few() -> None:
+    """Wide tiles while they fill the multiprocessors, narrower ones (more blocks) when they would not."""
+    from linattn.backends import _cuda_delta_chunk as dc
+
+    plans = dc._scan_plans("bfloat16", 128, 128, 227 * 1024)
+    assert [(p.vb, p.groups) for p in plans] == [(64, 2), (64, 1), (32, 1), (16, 1)]
+    assert dc._choose(plans, 256, 128, 132).columns == 128  # (16, 2048, 16, 128): 256 blocks
+    assert dc._choose(plans, 96, 128, 132).columns == 128  # (1, 8192, 96, 128): 96 blocks, one wave
+    assert dc._choose(plans, 64, 128, 132).columns == 64  # (4, 2048, 16, 128): 128 blocks
+    assert dc._choose(plans, 32, 128, 132).columns == 32  # (2, 16384, 16, 128): 128 blocks
+    assert dc._choose(plans, 1, 128, 132).columns == 16  # the narrowest when nothing fills the GPU

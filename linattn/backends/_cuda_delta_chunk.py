@@ -73,19 +73,41 @@ def _prepare_shared_bytes(dkp: int) -> int:
 
 
 @functools.cache
-def _scan_plan(dtype: str, Dk: int, Dv: int, shared_limit: int) -> _ScanPlan | None:
-    """The scan's tiling for these sizes, or None when the kernels do not cover them."""
+def _scan_plans(dtype: str, Dk: int, Dv: int, shared_limit: int) -> tuple[_ScanPlan, ...]:
+    """The scan's tilings for these sizes, widest first (empty when the kernels do not cover them).
+
+    The widest: two groups of warps sharing a block's q, k and A tiles, 64 value columns
+    each; then one group of 64, 32 or 16 columns, for more blocks when the leading
+    indices are few.
+    """
     if dtype not in ("float16", "bfloat16") or Dk % 8 or Dv % 8 or Dk > _MAX_DK:
-        return None
+        return ()
     dkp = 16 * math.ceil(Dk / 16)
-    vb = min(64, 16 * math.ceil(Dv / 16))
-    groups = 2 if Dv > vb and _scan_shared_bytes(dkp, 2 * vb, 2) <= shared_limit else 1
-    for wm in (4, 2, 1):  # state tiles of ≥ 2 column tiles (one ldmatrix.x4 of U each)
-        wn = _GROUP_WARPS // wm
-        if (dkp // 16) % wm == 0 and (vb // 8) % wn == 0 and (vb // 8 // wn) % 2 == 0:
-            plan = _ScanPlan(dkp, vb, groups, wm)
-            return plan if plan.shared_bytes <= shared_limit else None
-    return None
+    plans = []
+    for vb, groups in ((64, 2), (64, 1), (32, 1), (16, 1)):
+        if vb > 16 * math.ceil(Dv / 16) or (groups == 2 and Dv <= vb):
+            continue
+        for wm in (4, 2, 1):  # state tiles of ≥ 2 column tiles (one ldmatrix.x4 of U each)
+            wn = _GROUP_WARPS // wm
+            if (dkp // 16) % wm == 0 and (vb // 8) % wn == 0 and (vb // 8 // wn) % 2 == 0:
+                plan = _ScanPlan(dkp, vb, groups, wm)
+                if plan.shared_bytes <= shared_limit:
+                    plans.append(plan)
+                break
+    return tuple(plans)
+
+
+# The widest tiling that gives at least this share of the multiprocessors a block (one
+# block fits a multiprocessor): a wave of fewer, wider blocks beats more waves of narrow
+# ones, whose scores and A tiles are recomputed and reloaded per block.
+_FILL = 0.7
+
+
+def _choose(plans: tuple[_ScanPlan, ...], n_lead: int, Dv: int, sms: int) -> _ScanPlan:
+    for plan in plans:
+        if n_lead * math.ceil(Dv / plan.columns) >= _FILL * sms:
+            return plan
+    return plans[-1]
 
 
 def _lead_index_strides(own: tuple[int, int, int], full: tuple[int, int, int]) -> list[int]:
@@ -107,10 +129,10 @@ def chunked_delta_scan(call: cs.Call) -> tuple[Any, Any] | None:
     if not ENABLED or br.shape[-1] != 1 or (gr is not None and gr.shape[-1] != 1):
         return None
     T, Dk, Dv = qr.shape[-2], qr.shape[-1], vr.shape[-1]
-    plan = _scan_plan(call.dtype, Dk, Dv, _shared_limit(call.device))
+    plans = _scan_plans(call.dtype, Dk, Dv, _shared_limit(call.device))
     present = [r for r in call.refs if r is not None]
     lead = cs.broadcast_lead(tuple(r.shape for r in present)) if all(len(r.shape) >= 2 for r in present) else None
-    if plan is None or T == 0 or lead is None or len(lead) > 3:
+    if not plans or T == 0 or lead is None or len(lead) > 3:
         return None
     qo, ko, vo, bo, go = (cs.operand(r) for r in (qr, kr, vr, br, gr))
     # Rows on 16 bytes (8 elements) for cp.async; β and g are read a value at a time.
@@ -120,6 +142,7 @@ def chunked_delta_scan(call: cs.Call) -> tuple[Any, Any] | None:
     lead3 = pad(lead)
     kv3 = pad(cs.broadcast_lead(tuple(r.shape for r in (kr, br, gr) if r is not None)))
     n_lead, n_kv = math.prod(lead3), math.prod(kv3)
+    plan = _choose(plans, n_lead, Dv, cs._sm_count(call.device))
     n_chunks = math.ceil(T / _CHUNK)
     half, gated = int(call.dtype == "float16"), int(go is not None)
     run = call.launcher()

@@ -348,23 +348,30 @@ def delta_tensor_core_problems(draw: Any) -> dict[str, Any]:
 
 @pytest.mark.usefixtures("nan_memory")
 @GPU_SETTINGS
-@given(delta_tensor_core_problems(), st.integers(1, 2))
+@given(delta_tensor_core_problems(), st.integers(1, 2), st.booleans())
 def test_delta_tensor_core_kernels_match_the_reference(cp: Any, delta_tensor_core_calls: list[bool],
-                                                       problem: dict[str, Any], groups: int) -> None:
-    """cuda/delta_chunk.cu against the loop: GQA, β up to 2 (negative eigenvalues), every gate regime.
+                                                       problem: dict[str, Any], groups: int, widest: bool) -> None:
+    """cuda/delta_chunk.cu against the loop: GQA, β up to 2 (negative eigenvalues), every gate regime, every tiling.
 
     With |k| = 1 and β in [0, 2] every transition is a contraction (eigenvalues in
     [−1, 1]; the "mixed" gates' growth is bounded over these lengths), so rounding errors
     do not grow through the chunks and the forward kernel's tolerance applies.
     """
+    from linattn.backends import _cuda_delta_chunk
+
     host = _delta_inputs(problem, groups)
     o_ref, s_ref = delta_scan(**host, form="recurrent")
     delta_tensor_core_calls.clear()
-    o, s = delta_scan(**_to_device(cp, host, "float16"), backend="cupy")
+    fill = _cuda_delta_chunk._FILL
+    _cuda_delta_chunk._FILL = 0.0 if widest else fill  # 0: the widest tiling; else (few leading indices) narrow ones
+    try:
+        o, s = delta_scan(**_to_device(cp, host, "float16"), backend="cupy")
+    finally:
+        _cuda_delta_chunk._FILL = fill
     assert delta_tensor_core_calls == [True]  # this call ran on the tensor-core kernels
     n = problem["T"] * problem["Dk"]
-    _check(o, o_ref, "float16", n, f"outputs of {problem}, groups={groups}")
-    _check(s, s_ref, "float32", n, f"final state of {problem}, groups={groups}")
+    _check(o, o_ref, "float16", n, f"outputs of {problem}, groups={groups}, widest={widest}")
+    _check(s, s_ref, "float32", n, f"final state of {problem}, groups={groups}, widest={widest}")
 
 
 @pytest.mark.usefixtures("nan_memory")
