@@ -83,11 +83,23 @@ def _chunk_plan(dtype: str, Dk: int, Dv: int, shared_limit: int) -> _ChunkPlan |
     dkp = 16 * math.ceil(Dk / 16)
     vb = min(64 if dkp <= 128 else 32, 16 * math.ceil(Dv / 16))
     groups = 2 if Dv > vb and _shared_bytes(dkp, 2 * vb, 2) <= shared_limit else 1
-    for wm in (4, 2, 1):  # state tiles of ≥ 2 column tiles (one ldmatrix.x4 of v each)
+    wm = warps_along_rows(dkp, vb)
+    if wm is None:
+        return None
+    plan = _ChunkPlan(dkp, vb, groups, wm)
+    return plan if plan.shared_bytes <= shared_limit else None
+
+
+def warps_along_rows(dkp: int, vb: int) -> int | None:
+    """How a group's four warps split a (dkp × vb) state: warps along its rows (the rest along its columns).
+
+    Each warp's tile must be whole 16-row tiles and an even number of 8-column tiles (one
+    ldmatrix.x4 of the B operand feeds two); the most warps along the rows win. None: no split fits.
+    """
+    for wm in (4, 2, 1):
         wn = _GROUP_WARPS // wm
         if (dkp // 16) % wm == 0 and (vb // 8) % wn == 0 and (vb // 8 // wn) % 2 == 0:
-            plan = _ChunkPlan(dkp, vb, groups, wm)
-            return plan if plan.shared_bytes <= shared_limit else None
+            return wm
     return None
 
 

@@ -17,37 +17,21 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from linattn.backends import _cuda_scan as cs
-from linattn.backends._cuda_chunk import _shared_limit
+from linattn.backends._cuda_chunk import _GROUP_WARPS, _ChunkPlan, _shared_limit, warps_along_rows
 
 # Tests and benchmarks switch the kernel off to compare with the CUDA-core one.
 ENABLED = True
 
 _CHUNK = 64
-_GROUP_WARPS = 4
 _MAX_DK = 128
 _PREPARE_THREADS = 128
 
 
-@dataclass(frozen=True)
-class _ScanPlan:
-    """The scan's tiling: padded keys, value columns per group of four warps, groups, warps along the state's rows."""
-
-    dkp: int
-    vb: int
-    groups: int
-    wm: int
-
-    @property
-    def columns(self) -> int:
-        return self.groups * self.vb
-
-    @property
-    def threads(self) -> int:
-        return 32 * _GROUP_WARPS * self.groups
+class _ScanPlan(_ChunkPlan):
+    """The scan's tiling (as the linear kernel's), with the delta scan's shared memory."""
 
     @property
     def shared_bytes(self) -> int:
@@ -87,13 +71,9 @@ def _scan_plans(dtype: str, Dk: int, Dv: int, shared_limit: int) -> tuple[_ScanP
     for vb, groups in ((64, 2), (64, 1), (32, 1), (16, 1)):
         if vb > 16 * math.ceil(Dv / 16) or (groups == 2 and Dv <= vb):
             continue
-        for wm in (4, 2, 1):  # state tiles of ≥ 2 column tiles (one ldmatrix.x4 of U each)
-            wn = _GROUP_WARPS // wm
-            if (dkp // 16) % wm == 0 and (vb // 8) % wn == 0 and (vb // 8 // wn) % 2 == 0:
-                plan = _ScanPlan(dkp, vb, groups, wm)
-                if plan.shared_bytes <= shared_limit:
-                    plans.append(plan)
-                break
+        wm = warps_along_rows(dkp, vb)
+        if wm is not None and _ScanPlan(dkp, vb, groups, wm).shared_bytes <= shared_limit:
+            plans.append(_ScanPlan(dkp, vb, groups, wm))
     return tuple(plans)
 
 

@@ -408,22 +408,19 @@ def test_delta_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, delta_te
             "v": rng.standard_normal((B, T, H, D)), "beta": rng.uniform(0, 1, (B, T, H)),
             "g": -rng.uniform(0, 0.5, (B, T, H))}
     tensors = {n: torch.tensor(x, dtype=torch.bfloat16, device="cuda") for n, x in host.items()}
-    rounded = {n: t.double().cpu().numpy() for n, t in tensors.items()}
 
-    def heads_first(x: Any, grouped: bool = False) -> Any:  # (B, T, H[, G], D) -> (B, H, G | 1, T, D)
-        if grouped:
-            return x.permute(0, 2, 3, 1, 4) if hasattr(x, "permute") else x.transpose(0, 2, 3, 1, 4)
-        y = x.permute(0, 2, 1, 3) if hasattr(x, "permute") else x.transpose(0, 2, 1, 3)
-        return y[:, :, None]
+    def operands(a: dict[str, Any]) -> dict[str, Any]:  # (B, T, H[, G], D) -> (B, H, G | 1, T, D) views
+        def heads_first(x: Any) -> Any:
+            return x.permute(0, 2, 1, 3)[:, :, None]
 
-    def operands(a: dict[str, Any]) -> dict[str, Any]:
-        return {"q": heads_first(a["q"], grouped=True), "k": heads_first(a["k"]), "v": heads_first(a["v"]),
+        return {"q": a["q"].permute(0, 2, 3, 1, 4), "k": heads_first(a["k"]), "v": heads_first(a["v"]),
                 "beta": heads_first(a["beta"][..., None]), "g": heads_first(a["g"][..., None])}
 
     o, s = delta_scan(**operands(tensors), backend="cupy")
     assert delta_tensor_core_calls == [True]
     assert isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16 and s.dtype == torch.float32
-    want, want_s = delta_scan(**operands(rounded), form="recurrent")
+    rounded = {n: x.cpu().numpy() for n, x in operands({n: t.double() for n, t in tensors.items()}).items()}
+    want, want_s = delta_scan(**rounded, form="recurrent")
     _check(o.double().cpu().numpy(), want, "bfloat16", T * D, "bf16 outputs")
     _check(s.double().cpu().numpy(), want_s, "float32", T * D, "bf16 run's final state")
 

@@ -125,37 +125,6 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
         const i64 t = t_begin + (i64)n * CH + threadIdx.x;
         return threadIdx.x < CH && t < t_end ? to_f(gb[t * gts]) : 0.f;
     };
-    [[maybe_unused]] auto state_max = [&]() -> float {
-        float m = 0.f;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(S[mt][nt][e]));
-        return warp_max(m);
-    };
-    // The state times `scale` into shared memory, as the B operand of the next chunk's Q x S.
-    [[maybe_unused]] auto share_state = [&](float scale) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int d = d_base + mt * 16 + gid + h * 8, c = c_base + nt * 8 + 2 * tig;
-                    const float x = S[mt][nt][2 * h] * scale, y = S[mt][nt][2 * h + 1] * scale;
-#if SPLIT
-                    u32 hi, lo;
-                    split2(x, y, hi, lo);
-                    *reinterpret_cast<u32*>(slo + d * VS + c) = lo;
-#else
-                    const u32 hi = pack2(x, y);
-#endif
-                    *reinterpret_cast<u32*>(shi + d * VS + c) = hi;
-                }
-    };
-
     [[maybe_unused]] float state_scale = 1.f;  // the shared state holds S * state_scale
     load_chunk(0, 0);
 #if GATED
@@ -165,13 +134,13 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
 #if WRITE_O
 #if SCALED
     {
-        const float m = state_max();  // a warp-wide reduction: every lane takes part
+        const float m = state_max(S);  // a warp-wide reduction: every lane takes part
         if (lane == 0) sred[warp] = m;
     }
     __syncthreads();
     state_scale = pow2_scale(max_of<NWARPS>(sred));
 #endif
-    share_state(state_scale);
+    share_state(S, state_scale, shi, slo, VS, d_base, c_base, SPLIT);
 #endif
 
     for (int n = 0; n < n_chunks; ++n) {
@@ -213,12 +182,10 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
                 const int off = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + cg + np * 16 + (lane >> 4) * 8;
                 u32 b[4];
                 ldsm_t(b, shi + off);
-                mma(O[2 * np], a, b[0], b[1]);
-                mma(O[2 * np + 1], a, b[2], b[3]);
+                mma16(O[2 * np], O[2 * np + 1], a, b);
 #if SPLIT
                 ldsm_t(b, slo + off);
-                mma(O[2 * np], a, b[0], b[1]);
-                mma(O[2 * np + 1], a, b[2], b[3]);
+                mma16(O[2 * np], O[2 * np + 1], a, b);
 #endif
             }
         }
@@ -253,11 +220,9 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
                 for (int np = 0; np < VB / 16; ++np) {
                     u32 b[4];
                     ldsm_t(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + cg + np * 16 + (lane >> 4) * 8);
-                    mma(O[2 * np], ah, b[0], b[1]);
-                    mma(O[2 * np + 1], ah, b[2], b[3]);
+                    mma16(O[2 * np], O[2 * np + 1], ah, b);
 #if SPLIT
-                    mma(O[2 * np], al, b[0], b[1]);
-                    mma(O[2 * np + 1], al, b[2], b[3]);
+                    mma16(O[2 * np], O[2 * np + 1], al, b);
 #endif
                 }
             }
@@ -286,16 +251,7 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
 
         // The update of this warp's state tile: S <- e^{G_C} S + (K ⊙ e^{G_C - G})^T V.
 #if GATED
-        const double g_last = G[CH - 1];
-        {
-            const float d = expf((float)g_last);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) S[mt][nt][e] *= d;
-        }
+        scale_state(S, expf((float)G[CH - 1]));
 #endif
 #pragma unroll
         for (int kk = 0; kk < CH / 16; ++kk) {
@@ -330,18 +286,16 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
                 ldsm_t(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + c_base + np * 16 + (lane >> 4) * 8);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    mma(S[mt][2 * np], ah[mt], b[0], b[1]);
-                    mma(S[mt][2 * np + 1], ah[mt], b[2], b[3]);
+                    mma16(S[mt][2 * np], S[mt][2 * np + 1], ah[mt], b);
 #if GATED && SPLIT
-                    mma(S[mt][2 * np], al[mt], b[0], b[1]);
-                    mma(S[mt][2 * np + 1], al[mt], b[2], b[3]);
+                    mma16(S[mt][2 * np], S[mt][2 * np + 1], al[mt], b);
 #endif
                 }
             }
         }
 #if WRITE_O && SCALED
         {
-            const float m = state_max();
+            const float m = state_max(S);
             if (lane == 0) sred[warp] = m;
         }
 #endif
@@ -354,20 +308,14 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
 #if SCALED
             state_scale = pow2_scale(max_of<NWARPS>(sred));
 #endif
-            share_state(state_scale);
+            share_state(S, state_scale, shi, slo, VS, d_base, c_base, SPLIT);
         }
 #endif
     }
 
     // The exit state: s_out[lead][segment][Dk][Dv].
     float* sb = s_out + ((lead * gridDim.y + blockIdx.y) * Dk) * (i64)Dv;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int d = d_base + mt * 16 + gid + (e >> 1) * 8, c = c0 + c_base + nt * 8 + 2 * tig + (e & 1);
-                if (d < Dk && c < Dv) sb[(i64)d * Dv + c] = S[mt][nt][e];
-            }
+    for_each_state<MT, NT>(d_base, c0 + c_base, [&](int mt, int nt, int e, int d, int c) {
+        if (d < Dk && c < Dv) sb[(i64)d * Dv + c] = S[mt][nt][e];
+    });
 }

@@ -147,6 +147,23 @@ delta_chunk_prepare(const ELEM* __restrict__ k, const ELEM* __restrict__ beta, c
 #define NT (VB / 8 / WN)       // state column tiles (8) per warp
 #define ONT (VB / 8)           // output (and R, U) column tiles per warp
 
+// acc += (a_hi + a_lo) x (B_hi + B_lo) without the lo x lo term, over the VB columns from
+// `col`: a the warp's 16 x 16 A fragments, B the 16 rows from `row` of two-part tiles (row stride VS).
+__device__ __forceinline__ void mma_two_parts(float (&acc)[ONT][4], const u32 (&ah)[4], const u32 (&al)[4],
+                                              const ELEM* bh, const ELEM* bl, int row, int col) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int np = 0; np < VB / 16; ++np) {
+        const int off = (row + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + col + np * 16 + (lane >> 4) * 8;
+        u32 b[4];
+        ldsm_t(b, bh + off);
+        mma16(acc[2 * np], acc[2 * np + 1], ah, b);
+        mma16(acc[2 * np], acc[2 * np + 1], al, b);
+        ldsm_t(b, bl + off);
+        mma16(acc[2 * np], acc[2 * np + 1], ah, b);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ v,
                  const ELEM* __restrict__ a_hi, const ELEM* __restrict__ a_lo, const float* __restrict__ a_scale,
@@ -227,31 +244,6 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
         const i64 t = (i64)n * CH + threadIdx.x;
         return threadIdx.x < CH && t < T ? to_f(gb[t * gts]) : 0.f;
     };
-    [[maybe_unused]] auto state_max = [&]() -> float {
-        float m = 0.f;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(S[mt][nt][e]));
-        return warp_max(m);
-    };
-    // The state times `scale` into shared memory (two parts), the B operand of the next chunk's Q S and K S.
-    auto share_state = [&](float scale) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int d = d_base + mt * 16 + gid + h * 8, c = c_base + nt * 8 + 2 * tig;
-                    u32 hi, lo;
-                    split2(S[mt][nt][2 * h] * scale, S[mt][nt][2 * h + 1] * scale, hi, lo);
-                    *reinterpret_cast<u32*>(shi + d * VS + c) = hi;
-                    *reinterpret_cast<u32*>(slo + d * VS + c) = lo;
-                }
-    };
     // This warp's rows of x (ONT column tiles) into the R/U tiles, two parts, times `scale`.
     auto share_rows = [&](float (&x)[ONT][4], float scale) {
 #pragma unroll
@@ -288,13 +280,13 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
 #endif
 #if SCALED
     {
-        const float m = state_max();  // a warp-wide reduction: every lane takes part
+        const float m = state_max(S);  // a warp-wide reduction: every lane takes part
         if (lane == 0) sred[warp] = m;
     }
     __syncthreads();
     state_scale = pow2_scale(max_of<NWARPS>(sred));
 #endif
-    share_state(state_scale);
+    share_state(S, state_scale, shi, slo, VS, d_base, c_base, true);
 
     for (int n = 0; n < n_chunks; ++n) {
         const int buf = n & 1;
@@ -329,15 +321,11 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
                 const int off = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + cg + np * 16 + (lane >> 4) * 8;
                 u32 b[4];
                 ldsm_t(b, shi + off);
-                mma(O[2 * np], aq, b[0], b[1]);
-                mma(O[2 * np + 1], aq, b[2], b[3]);
-                mma(P[2 * np], ak, b[0], b[1]);
-                mma(P[2 * np + 1], ak, b[2], b[3]);
+                mma16(O[2 * np], O[2 * np + 1], aq, b);
+                mma16(P[2 * np], P[2 * np + 1], ak, b);
                 ldsm_t(b, slo + off);
-                mma(O[2 * np], aq, b[0], b[1]);
-                mma(O[2 * np + 1], aq, b[2], b[3]);
-                mma(P[2 * np], ak, b[0], b[1]);
-                mma(P[2 * np + 1], ak, b[2], b[3]);
+                mma16(O[2 * np], O[2 * np + 1], aq, b);
+                mma16(P[2 * np], P[2 * np + 1], ak, b);
             }
         }
 
@@ -378,19 +366,7 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
             const int a_off = (row0 + (lane & 15)) * AS + kk * 16 + (lane >> 4) * 8;
             ldsm(ah, sah + a_off);
             ldsm(al, sal + a_off);
-#pragma unroll
-            for (int np = 0; np < VB / 16; ++np) {
-                const int off = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + cg + np * 16 + (lane >> 4) * 8;
-                u32 b[4];
-                ldsm_t(b, srh + off);
-                mma(U[2 * np], ah, b[0], b[1]);
-                mma(U[2 * np + 1], ah, b[2], b[3]);
-                mma(U[2 * np], al, b[0], b[1]);
-                mma(U[2 * np + 1], al, b[2], b[3]);
-                ldsm_t(b, srl + off);
-                mma(U[2 * np], ah, b[0], b[1]);
-                mma(U[2 * np + 1], ah, b[2], b[3]);
-            }
+            mma_two_parts(U, ah, al, srh, srl, kk * 16, cg);
         }
         {
             float unscale = 1.f / r_scale;
@@ -441,19 +417,7 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
                 const float* x = sc[2 * kk + (r >> 1)] + (r & 1) * 2;
                 split2(x[0] * score_scale, x[1] * score_scale, ah[r], al[r]);
             }
-#pragma unroll
-            for (int np = 0; np < VB / 16; ++np) {
-                const int off = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + cg + np * 16 + (lane >> 4) * 8;
-                u32 b[4];
-                ldsm_t(b, srh + off);
-                mma(O[2 * np], ah, b[0], b[1]);
-                mma(O[2 * np + 1], ah, b[2], b[3]);
-                mma(O[2 * np], al, b[0], b[1]);
-                mma(O[2 * np + 1], al, b[2], b[3]);
-                ldsm_t(b, srl + off);
-                mma(O[2 * np], ah, b[0], b[1]);
-                mma(O[2 * np + 1], ah, b[2], b[3]);
-            }
+            mma_two_parts(O, ah, al, srh, srl, kk * 16, cg);
         }
         {
             const float unscale = 1.f / (score_scale * u_scale);
@@ -470,18 +434,11 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
         }
 
         // The update of this warp's state tile: S <- e^{G_C} S + (K ⊙ e^{G_C - G})^T U.
-        {
-            float d = u_scale;  // the shared U holds U * u_scale
 #if GATED
-            d *= expf((float)G[CH - 1]);
+        scale_state(S, u_scale * expf((float)G[CH - 1]));  // the shared U holds U * u_scale
+#else
+        scale_state(S, u_scale);
 #endif
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) S[mt][nt][e] *= d;
-        }
 #pragma unroll
         for (int kk = 0; kk < CH / 16; ++kk) {
             u32 ah[MT][4];
@@ -509,31 +466,22 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
                 ldsm_t(b, srh + off);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    mma(S[mt][2 * np], ah[mt], b[0], b[1]);
-                    mma(S[mt][2 * np + 1], ah[mt], b[2], b[3]);
+                    mma16(S[mt][2 * np], S[mt][2 * np + 1], ah[mt], b);
 #if GATED
-                    mma(S[mt][2 * np], al[mt], b[0], b[1]);
-                    mma(S[mt][2 * np + 1], al[mt], b[2], b[3]);
+                    mma16(S[mt][2 * np], S[mt][2 * np + 1], al[mt], b);
 #endif
                 }
                 ldsm_t(b, srl + off);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    mma(S[mt][2 * np], ah[mt], b[0], b[1]);
-                    mma(S[mt][2 * np + 1], ah[mt], b[2], b[3]);
+                    mma16(S[mt][2 * np], S[mt][2 * np + 1], ah[mt], b);
                 }
             }
         }
 #if SCALED
         {
-            const float unscale = 1.f / u_scale;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) S[mt][nt][e] *= unscale;
-            const float m = state_max();
+            scale_state(S, 1.f / u_scale);
+            const float m = state_max(S);
             if (lane == 0) sred[warp] = m;
         }
 #endif
@@ -545,20 +493,14 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
 #if SCALED
             state_scale = pow2_scale(max_of<NWARPS>(sred));
 #endif
-            share_state(state_scale);
+            share_state(S, state_scale, shi, slo, VS, d_base, c_base, true);
         }
     }
 
     // The exit state: s_out[lead][Dk][Dv].
     float* sb = s_out + lead * Dk * (i64)Dv;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int d = d_base + mt * 16 + gid + (e >> 1) * 8, c = c0 + c_base + nt * 8 + 2 * tig + (e & 1);
-                if (d < Dk && c < Dv) sb[(i64)d * Dv + c] = S[mt][nt][e];
-            }
+    for_each_state<MT, NT>(d_base, c0 + c_base, [&](int mt, int nt, int e, int d, int c) {
+        if (d < Dk && c < Dv) sb[(i64)d * Dv + c] = S[mt][nt][e];
+    });
 }
 #endif  // VB

@@ -117,6 +117,58 @@ __device__ __forceinline__ void stage_tile(ELEM* dst, int shared_stride, const E
     }
 }
 
+// A pair of m16n8k16 products against a 16-column tile of B (one ldmatrix.x4.trans): columns
+// 0-7 into d0, 8-15 into d1.
+__device__ __forceinline__ void mma16(float (&d0)[4], float (&d1)[4], const u32 (&a)[4], const u32 (&b)[4]) {
+    mma(d0, a, b[0], b[1]);
+    mma(d1, a, b[2], b[3]);
+}
+
+// A warp's tile of a float32 state in accumulator layout: element e of S[mt][nt] is row
+// d0 + 16 mt + gid + 8 (e / 2) and column c0 + 8 nt + 2 tig + e % 2. f(mt, nt, e, row, column).
+template <int TM, int TN, typename F>
+__device__ __forceinline__ void for_each_state(int d0, int c0, F f) {
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < TM; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < TN; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) f(mt, nt, e, d0 + mt * 16 + gid + (e >> 1) * 8, c0 + nt * 8 + 2 * tig + (e & 1));
+}
+
+template <int TM, int TN>
+__device__ __forceinline__ void scale_state(float (&S)[TM][TN][4], float f) {
+    for_each_state<TM, TN>(0, 0, [&](int mt, int nt, int e, int, int) { S[mt][nt][e] *= f; });
+}
+
+// max |S| over the warp's tiles (a warp-wide reduction: every lane takes part).
+template <int TM, int TN>
+__device__ __forceinline__ float state_max(const float (&S)[TM][TN][4]) {
+    float m = 0.f;
+    for_each_state<TM, TN>(0, 0, [&](int mt, int nt, int e, int, int) { m = fmaxf(m, fabsf(S[mt][nt][e])); });
+    return warp_max(m);
+}
+
+// The warp's tile times `scale` into shared memory (row stride `stride`) as the B operand of
+// the next chunk's products: hi, and with `split` also lo (x = hi + lo).
+template <int TM, int TN>
+__device__ __forceinline__ void share_state(const float (&S)[TM][TN][4], float scale, ELEM* hi, ELEM* lo,
+                                            int stride, int d0, int c0, bool split) {
+    for_each_state<TM, TN>(d0, c0, [&](int mt, int nt, int e, int d, int c) {
+        if (e & 1) return;  // pairs of columns, one 32-bit store per part
+        const float x = S[mt][nt][e] * scale, y = S[mt][nt][e + 1] * scale;
+        u32 h, l;
+        if (split) {
+            split2(x, y, h, l);
+            *reinterpret_cast<u32*>(lo + d * stride + c) = l;
+        } else {
+            h = pack2(x, y);
+        }
+        *reinterpret_cast<u32*>(hi + d * stride + c) = h;
+    });
+}
+
 #if GATED
 // The chunk's cumulative log-gates and the decay factors that every thread of the warp
 // needs, computed by one warp for its own use (no block barrier): G_i = g_0 + ... + g_i
@@ -180,8 +232,7 @@ __device__ __forceinline__ void causal_scores(float (&sc)[8][4], const ELEM* qt,
             if (np <= gw) {
                 u32 b[4];
                 ldsm(b, kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * QKS + kk * 16 + ((lane >> 3) & 1) * 8);
-                mma(sc[2 * np], a, b[0], b[1]);
-                mma(sc[2 * np + 1], a, b[2], b[3]);
+                mma16(sc[2 * np], sc[2 * np + 1], a, b);
             }
         }
     }
