@@ -7,6 +7,7 @@ rather than at a user's first kernel call on a GPU.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import re
 
@@ -20,6 +21,7 @@ KERNELS = {
     "scan.cu": ["linear_scan", "delta_scan"],
     "chunk_mma.cu": ["chunk_linear_scan"],
     "delta_chunk.cu": ["delta_chunk_prepare", "delta_chunk_scan"],
+    "gla_chunk.cu": ["gla_chunk_prepare", "gla_chunk_scan"],
     "segments.cu": ["segment_log_decay", "segment_prefix"],
     "delta_grad.cu": ["delta_grad_reverse", "delta_grad_forward"],
 }
@@ -38,6 +40,7 @@ def test_the_shared_header_is_inlined_where_it_is_used() -> None:
         assert "#define GEOMETRY_SETUP" in cl._source(name) and "#define LOAD_STATE" in cl._source(name)
     for name in ("chunk_mma.cu", "delta_chunk.cu"):
         assert "__device__ __forceinline__ bool chunk_decays(" in cl._source(name)
+    assert "__device__ __forceinline__ void share_state(" in cl._source("gla_chunk.cu")
 
 
 @pytest.mark.parametrize(("dtype", "budget"), list(itertools.product(["float16", "float32", "float64"],
@@ -52,21 +55,34 @@ def test_whole_warp_plans_are_whole_warps_and_cover_the_columns(dtype: str, budg
         assert plan.ksplit * plan.kpt >= Dk and plan.vb % plan.nc == 0, (Dk, Dv, plan)
 
 
-def test_delta_tensor_core_plans_fit_and_cover_the_columns() -> None:
-    """Every plan the delta rule's tensor-core launcher makes fits an H100's shared memory and tiles whole warps."""
-    from linattn.backends import _cuda_delta_chunk as dc
-
+@pytest.mark.parametrize("module", ["_cuda_delta_chunk", "_cuda_gla_chunk"])
+def test_tensor_core_plans_fit_and_cover_the_columns(module: str) -> None:
+    """Every plan of the delta rule's and GLA's tensor-core launchers fits an H100's shared memory and whole warps."""
+    launcher = importlib.import_module(f"linattn.backends.{module}")
     limit = 227 * 1024
     for dtype, Dk, Dv in itertools.product(["float16", "bfloat16", "float32"], range(8, 257, 8), range(8, 257, 8)):
-        plans = dc._scan_plans(dtype, Dk, Dv, limit)
+        plans = launcher._scan_plans(dtype, Dk, Dv, limit)
         if dtype == "float32" or Dk > 128:
             assert plans == ()
+        elif Dv >= 64:  # below, an odd number of 16-key tiles may not split over four warps
+            assert plans, (dtype, Dk, Dv)
         for plan in plans:
             wn = 4 // plan.wm
-            assert plan.shared_bytes <= limit and dc._prepare_shared_bytes(plan.dkp) <= limit
+            assert plan.shared_bytes <= limit and launcher._prepare_shared_bytes(plan.dkp) <= limit
             assert plan.dkp >= Dk and plan.dkp % (16 * plan.wm) == 0, (Dk, Dv, plan)
             assert (plan.vb // 8) % wn == 0 and (plan.vb // 8 // wn) % 2 == 0, (Dk, Dv, plan)
         assert [p.columns for p in plans] == sorted((p.columns for p in plans), reverse=True)
+
+
+def test_gla_plans_sum_the_log_gates_over_whole_steps() -> None:
+    """The scan's threads per pair of keys divide the chunk's 64 steps and fit the block with every pair."""
+    from linattn.backends import _cuda_gla_chunk as gc
+
+    for Dk, Dv in itertools.product(range(8, 129, 8), (8, 64, 128, 256)):
+        for plan in gc._scan_plans("bfloat16", Dk, Dv, 227 * 1024):
+            pairs = plan.dkp // 2
+            assert 64 % plan.segments == 0 and plan.segments * pairs <= plan.threads, (Dk, Dv, plan)
+            assert plan.segments == 64 or 2 * plan.segments * pairs > plan.threads, (Dk, Dv, plan)  # the most
 
 
 def test_delta_tensor_core_tiles_narrow_when_the_leading_indices_are_few() -> None:

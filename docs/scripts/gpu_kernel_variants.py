@@ -7,7 +7,7 @@ Run on the GPU machine (PyTorch, Triton; FLA optional)::
 Variants: the tensor-core chunked kernels with float32-accurate intermediates ("tc",
 the default), the linear scan's with intermediates rounded once to the storage type
 ("tc-round", as FLA does; linear and simple_gla only), and the CUDA-core recurrent
-kernels ("cuda-core"). For each shape and op (linear, simple_gla, delta, gated_delta)
+kernels ("cuda-core"). For each shape and op (linear, simple_gla, gla, delta, gated_delta)
 it prints the relative error of every variant against a float64 reference (on the GPU)
 and the median time of each variant and of FLA's chunk kernel, with the copy-bandwidth
 floor. Kernel development notes go in docs/gpu.rst.
@@ -23,15 +23,19 @@ from typing import Any
 import torch
 from gpu_peers import copy_bandwidth, fla, heads_first, inputs, median_ms  # this folder is on sys.path
 
-from linattn.backends import _cuda_chunk, _cuda_delta_chunk
+from linattn.backends import _cuda_chunk, _cuda_delta_chunk, _cuda_gla_chunk
 from linattn.delta_scan import delta_scan
 from linattn.scan import causal_scan
 
 VARIANTS = {
-    "tc": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "SPLIT"): True, (_cuda_delta_chunk, "ENABLED"): True},
+    "tc": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "SPLIT"): True, (_cuda_delta_chunk, "ENABLED"): True,
+           (_cuda_gla_chunk, "ENABLED"): True},
     "tc-round": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "SPLIT"): False},
-    "cuda-core": {(_cuda_chunk, "ENABLED"): False, (_cuda_delta_chunk, "ENABLED"): False},
+    "cuda-core": {(_cuda_chunk, "ENABLED"): False, (_cuda_delta_chunk, "ENABLED"): False,
+                  (_cuda_gla_chunk, "ENABLED"): False},
 }
+# The ops whose float64 reference is the float64 CUDA-core kernel (tested against the NumPy loop in tests/gpu).
+KERNEL_REFERENCE_OPS = ("delta", "gated_delta", "gla")
 DELTA_OPS = ("delta", "gated_delta")
 
 
@@ -71,7 +75,9 @@ def rel_error(o: torch.Tensor, ref: torch.Tensor) -> float:
 
 def call_of(op: str, x: dict[str, torch.Tensor]) -> Any:
     """linattn's call for ``op`` on the (B, T, H, D) inputs of ``gpu_peers.inputs``, as (B, H, T, D) views."""
-    q, k, v, kn, g, beta = heads_first(x["q"], x["k"], x["v"], x["kn"], x["g"], x["beta"])
+    q, k, v, kn, g, gk, beta = heads_first(x["q"], x["k"], x["v"], x["kn"], x["g"], x["gk"], x["beta"])
+    if op == "gla":
+        return lambda: causal_scan(q, k, v, gk=gk, backend="cupy")
     if op in DELTA_OPS:
         gate = g if op == "gated_delta" else None
         return lambda: delta_scan(q, kn, v, beta, g=gate, backend="cupy")
@@ -79,8 +85,8 @@ def call_of(op: str, x: dict[str, torch.Tensor]) -> Any:
 
 
 def reference(op: str, x: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The float64 outputs (B, H, T, Dv): the linear scans by their definition, the delta rule by the float64 kernel."""
-    if op in DELTA_OPS:  # the CUDA-core kernel in float64, tested against the NumPy loop in tests/gpu
+    """The float64 outputs (B, H, T, Dv): the linear scans by their definition, the others by the float64 kernel."""
+    if op in KERNEL_REFERENCE_OPS:  # the CUDA-core kernel in float64, tested against the NumPy loop in tests/gpu
         return call_of(op, {name: t.double() for name, t in x.items()})()[0]
     return linear_reference(x["q"], x["k"], x["v"], x["g"] if op == "simple_gla" else None)
 
@@ -108,7 +114,7 @@ def measure(shape: tuple[int, int, int, int], dname: str, variants: list[str], o
         ref = reference(op, x)
         call = call_of(op, x)
         for name in variants:
-            if op in DELTA_OPS and name == "tc-round":
+            if op in KERNEL_REFERENCE_OPS and name == "tc-round":
                 continue
             with variant(name):
                 err = rel_error(call()[0], ref)

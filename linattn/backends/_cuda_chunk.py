@@ -103,6 +103,42 @@ def warps_along_rows(dkp: int, vb: int) -> int | None:
     return None
 
 
+_NARROWING = ((64, 2), (64, 1), (32, 1), (16, 1))
+
+
+def narrowing_plans(plan_type: type[_ChunkPlan], dtype: str, Dk: int, Dv: int, max_dk: int, shared_limit: int,
+                    tilings: tuple[tuple[int, int], ...] = _NARROWING) -> tuple[Any, ...]:
+    """Tilings of ``plan_type`` for these sizes that fit ``shared_limit``, widest first (empty: not covered).
+
+    ``tilings`` are (value columns per group of four warps, groups), widest first. The
+    default: two groups sharing a block's tiles, 64 value columns each; then one group of
+    64, 32 or 16 columns, for more blocks when the leading indices are few.
+    """
+    if dtype not in ("float16", "bfloat16") or Dk % 8 or Dv % 8 or Dk > max_dk:
+        return ()
+    dkp = 16 * math.ceil(Dk / 16)
+    plans = []
+    for vb, groups in tilings:
+        if vb > 16 * math.ceil(Dv / 16) or (groups == 2 and Dv <= vb):
+            continue
+        wm = warps_along_rows(dkp, vb)
+        if wm is not None and plan_type(dkp, vb, groups, wm).shared_bytes <= shared_limit:
+            plans.append(plan_type(dkp, vb, groups, wm))
+    return tuple(plans)
+
+
+def choose_plan(plans: tuple[Any, ...], n_lead: int, Dv: int, sms: int, fill: float) -> Any:
+    """The widest of ``plans`` (widest first) that gives at least ``fill`` of the multiprocessors a block.
+
+    One block fits a multiprocessor: a wave of fewer, wider blocks beats more waves of
+    narrow ones, which recompute and reload per block what a wide one shares.
+    """
+    for plan in plans:
+        if n_lead * math.ceil(Dv / plan.columns) >= fill * sms:
+            return plan
+    return plans[-1]
+
+
 def _shared_limit(device: int) -> int:
     """Shared memory one block may opt into on this device."""
     return cl.device_attribute(device, "MaxSharedMemoryPerBlockOptin")

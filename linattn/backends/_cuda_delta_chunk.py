@@ -20,7 +20,7 @@ import math
 from typing import Any
 
 from linattn.backends import _cuda_scan as cs
-from linattn.backends._cuda_chunk import _GROUP_WARPS, _ChunkPlan, _shared_limit, warps_along_rows
+from linattn.backends._cuda_chunk import _GROUP_WARPS, _ChunkPlan, _shared_limit, choose_plan, narrowing_plans
 
 # Tests and benchmarks switch the kernel off to compare with the CUDA-core one.
 ENABLED = True
@@ -58,36 +58,17 @@ def _prepare_shared_bytes(dkp: int) -> int:
 
 @functools.cache
 def _scan_plans(dtype: str, Dk: int, Dv: int, shared_limit: int) -> tuple[_ScanPlan, ...]:
-    """The scan's tilings for these sizes, widest first (empty when the kernels do not cover them).
-
-    The widest: two groups of warps sharing a block's q, k and A tiles, 64 value columns
-    each; then one group of 64, 32 or 16 columns, for more blocks when the leading
-    indices are few.
-    """
-    if dtype not in ("float16", "bfloat16") or Dk % 8 or Dv % 8 or Dk > _MAX_DK:
-        return ()
-    dkp = 16 * math.ceil(Dk / 16)
-    plans = []
-    for vb, groups in ((64, 2), (64, 1), (32, 1), (16, 1)):
-        if vb > 16 * math.ceil(Dv / 16) or (groups == 2 and Dv <= vb):
-            continue
-        wm = warps_along_rows(dkp, vb)
-        if wm is not None and _ScanPlan(dkp, vb, groups, wm).shared_bytes <= shared_limit:
-            plans.append(_ScanPlan(dkp, vb, groups, wm))
-    return tuple(plans)
+    """The scan's tilings for these sizes, widest first (empty when the kernels do not cover them)."""
+    return narrowing_plans(_ScanPlan, dtype, Dk, Dv, _MAX_DK, shared_limit)
 
 
-# The widest tiling that gives at least this share of the multiprocessors a block (one
-# block fits a multiprocessor): a wave of fewer, wider blocks beats more waves of narrow
-# ones, whose scores and A tiles are recomputed and reloaded per block.
+# The widest tiling that gives at least this share of the multiprocessors a block (see
+# ``choose_plan``); tests set 0 to run the widest.
 _FILL = 0.7
 
 
 def _choose(plans: tuple[_ScanPlan, ...], n_lead: int, Dv: int, sms: int) -> _ScanPlan:
-    for plan in plans:
-        if n_lead * math.ceil(Dv / plan.columns) >= _FILL * sms:
-            return plan
-    return plans[-1]
+    return choose_plan(plans, n_lead, Dv, sms, _FILL)
 
 
 def _lead_index_strides(own: tuple[int, int, int], full: tuple[int, int, int]) -> list[int]:

@@ -359,6 +359,12 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any, *, revers
         result = _cuda_chunk.chunked_linear_scan(call)
         if result is not None:
             return result
+    if gk_mode == 2 and gvr is None:
+        from linattn.backends import _cuda_gla_chunk
+
+        result = _cuda_gla_chunk.chunked_gla_scan(call)
+        if result is not None:
+            return result
     lay = _layout(call, (3 if gk_mode == 2 else 2, 3 if gvr is not None else 2),
                   HEAVY if gk_mode == 2 and gvr is not None else LIGHT)
     if lay is None:

@@ -425,6 +425,92 @@ def test_delta_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, delta_te
     _check(s.double().cpu().numpy(), want_s, "float32", T * D, "bf16 run's final state")
 
 
+# (Dk, Dv) pairs the per-key-gated tensor-core kernels cover (Dk <= 128; 40 pads to 48 keys).
+GLA_TENSOR_CORE_DIMS = ((16, 64), (32, 32), (40, 128), (64, 256), (96, 32), (128, 64), (128, 128), (128, 256))
+
+
+@pytest.fixture
+def gla_tensor_core_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The calls of the per-key-gated scan's tensor-core launcher: ran (True) or declined (False)."""
+    from linattn.backends import _cuda_gla_chunk
+
+    return _record_calls(monkeypatch, _cuda_gla_chunk, "chunked_gla_scan")
+
+
+@st.composite
+def gla_tensor_core_problems(draw: Any) -> dict[str, Any]:
+    """The calls cuda/gla_chunk.cu covers: 16-bit data, a log-gate per key, Dk <= 128, Dv multiples of 8."""
+    B, H, G = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    Dk, Dv = draw(st.sampled_from(GLA_TENSOR_CORE_DIMS))
+    return {
+        "lead_q": (B, H, G), "lead_kv": (B, H, 1), "T": draw(st.integers(1, 300)), "Dk": Dk, "Dv": Dv,
+        "gates": "key", "regime": draw(st.sampled_from(["mild", "extreme", "mixed"])),
+        "initial": draw(st.booleans()), "dtype": "float16", "seed": draw(st.integers(0, 2**31)),
+    }
+
+
+@pytest.mark.usefixtures("nan_memory")
+@GPU_SETTINGS
+@given(gla_tensor_core_problems(), st.booleans())
+def test_gla_tensor_core_kernels_match_the_reference(cp: Any, gla_tensor_core_calls: list[bool],
+                                                     problem: dict[str, Any], widest: bool) -> None:
+    """cuda/gla_chunk.cu against the loop: GQA, padded keys, every gate regime (total, none, growth), every tiling."""
+    from linattn.backends import _cuda_gla_chunk
+
+    host = _linear_inputs(problem)
+    o_ref, s_ref = causal_scan(**host, form="recurrent")
+    gla_tensor_core_calls.clear()
+    fill = _cuda_gla_chunk._FILL
+    _cuda_gla_chunk._FILL = 0.0 if widest else fill  # 0: the widest tiling; else (few leading indices) narrow ones
+    try:
+        o, s = causal_scan(**_to_device(cp, host, "float16"), backend="cupy")
+    finally:
+        _cuda_gla_chunk._FILL = fill
+    assert gla_tensor_core_calls == [True]  # this call ran on the tensor-core kernels
+    n = problem["T"] * problem["Dk"]
+    _check(o, o_ref, "float16", n, f"outputs of {problem}, widest={widest}")
+    _check(s, s_ref, "float32", n, f"final state of {problem}, widest={widest}")
+
+
+@pytest.mark.usefixtures("nan_memory")
+def test_gla_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: Any,
+                                                                       gla_tensor_core_calls: list[bool]) -> None:
+    """T = 2500 (40 chunks): the reference, two runs bitwise equal, a prefix run against the long run."""
+    p = {"lead_q": (2, 2, 1), "lead_kv": (2, 2, 1), "T": 2500, "Dk": 128, "Dv": 128, "gates": "key",
+         "regime": "mild", "initial": True, "dtype": "float16", "seed": 25}
+    host = _linear_inputs(p)
+    host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
+    dev = _to_device(cp, host, "float16")
+    first, second = (causal_scan(**dev, backend="cupy") for _ in range(2))
+    assert bool(cp.all(first[0] == second[0])) and bool(cp.all(first[1] == second[1]))
+    o_ref, s_ref = causal_scan(**host)
+    _check(first[0], o_ref, "float16", 2500 * 128, "outputs of the long run")
+    _check(first[1], s_ref, "float32", 2500 * 128, "final state of the long run")
+    P = 1234
+    o_prefix, _ = causal_scan(**{n: x if n == "initial_state" or x is None else x[..., :P, :] for n, x in dev.items()},
+                              backend="cupy")
+    # Not bitwise: float16's power-of-two scales follow the maxima of whole chunks.
+    _check(o_prefix, cp.asnumpy(first[0][..., :P, :]).astype(np.float64), "float16", P * 128, "prefix run vs long run")
+    assert gla_tensor_core_calls == [True] * 3
+
+
+def test_gla_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, gla_tensor_core_calls: list[bool]) -> None:
+    """PyTorch bfloat16 (B, T, H, D) data, as flash-linear-attention lays it out, read as (B, H, T, D) views."""
+    torch = _torch_with_cuda()
+    rng = np.random.default_rng(26)
+    B, T, H, D = 2, 333, 3, 128
+    host = {"q": rng.standard_normal((B, T, H, D)) / np.sqrt(D), "k": rng.standard_normal((B, T, H, D)),
+            "v": rng.standard_normal((B, T, H, D)), "gk": np.log(rng.uniform(0.9, 1.0, (B, T, H, D)))}
+    tensors = {n: torch.tensor(x, dtype=torch.bfloat16, device="cuda") for n, x in host.items()}
+    o, s = causal_scan(**{n: t.transpose(1, 2) for n, t in tensors.items()}, backend="cupy")
+    assert gla_tensor_core_calls == [True]
+    assert isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    want, want_s = causal_scan(**{n: t.double().cpu().numpy().transpose(0, 2, 1, 3) for n, t in tensors.items()},
+                               form="recurrent")
+    _check(o.double().cpu().numpy(), want, "bfloat16", T * D, "bf16 outputs")
+    _check(s.double().cpu().numpy(), want_s, "float32", T * D, "bf16 run's final state")
+
+
 def _check_delta_gradients(got: Any, ref: Any, host: dict[str, Any], dfinal: np.ndarray | None, dtype: str,
                            what: str) -> None:
     """The delta rule's gradients against the float64 reference.

@@ -1,0 +1,131 @@
+"""Launcher for the causal linear scan with a log-gate per key on tensor cores (``cuda/gla_chunk.cu``).
+
+It covers what GLA's kernels see most: float16 or bfloat16 data, a log-gate per key
+(..., T, Dk) and none per value, Dk ≤ 128 and Dv multiples of 8, and operands whose rows
+start on 16 bytes. Anything else is declined (None) and
+:func:`linattn.backends._cuda_scan.linear_scan` runs its CUDA-core kernel.
+
+Two launches. ``gla_chunk_prepare`` runs every chunk of 64 steps at once: the chunk's
+intra-chunk scores P_ij = Σ_d q_id k_jd e^{G_id − G_jd} (j ≤ i; 64 × 64, two parts of the
+storage type), which do not depend on the state. ``gla_chunk_scan`` then walks each
+(leading index, tile of value columns) through its chunks in order with the state in
+registers: o = (q ⊙ e^G) S + P V and the update. P costs 4·64 bytes per step and leading
+index, written once and read once per tile of value columns.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from linattn.backends import _cuda_scan as cs
+from linattn.backends._cuda_chunk import _GROUP_WARPS, _ChunkPlan, _shared_limit, choose_plan, narrowing_plans
+
+# Tests and benchmarks switch the kernels off to compare with the CUDA-core one.
+ENABLED = True
+
+_CHUNK = 64
+_MAX_DK = 128
+_PREPARE_THREADS = 256
+# (value columns per group of four warps, groups), widest first; of equal widths, two
+# groups first: eight warps per multiprocessor share the per-chunk gate work.
+_TILINGS = ((64, 2), (32, 2), (64, 1), (16, 2), (32, 1), (16, 1))
+# The widest tiling that gives at least this share of the multiprocessors a block (see
+# ``choose_plan``); tests set 0 to run the widest.
+_FILL = 0.7
+
+
+class _GlaPlan(_ChunkPlan):
+    """The scan's tiling (as the linear kernel's), with this scan's shared memory."""
+
+    @property
+    def segments(self) -> int:
+        """Threads per pair of keys summing the log-gates: the largest power of two that fits the block (≤ 64 steps)."""
+        return min(_CHUNK, 1 << int(math.log2(self.threads // (self.dkp // 2))))
+
+    @property
+    def shared_bytes(self) -> int:
+        return _scan_shared_bytes(self.dkp, self.columns, self.groups, self.segments)
+
+
+def _scan_shared_bytes(dkp: int, columns: int, groups: int, segments: int) -> int:
+    """The scan's shared memory: q, k, g as stored; decayed q, k; v and P twice; the state; gates.
+
+    The decayed q and k, P and the state have two parts each. The gates: each segment's
+    sums of the log-gates per key (float64), e^{G_C} per key (float32), and a maximum per
+    warp.
+    """
+    qk, vs, p = dkp + 8, columns + 8, _CHUNK + 8
+    elements = 7 * _CHUNK * qk + 2 * _CHUNK * vs + 4 * _CHUNK * p + 2 * dkp * vs
+    return 2 * elements + 8 * segments * dkp + 4 * dkp + 4 * _GROUP_WARPS * groups
+
+
+def _prepare_shared_bytes(dkp: int) -> int:
+    """The preparation's shared memory: q, k, g as stored, the decayed queries and keys, P, gates.
+
+    The decayed queries and keys (112 rows each) have two parts; P is float32 (64 × 68);
+    the gates: each 16-step block's log-decay per key (float64) and four flags; eight
+    maxima. e^{g} (float32) and the diagonal blocks' partial scores reuse the decayed
+    operands' space.
+    """
+    return 2 * (3 * _CHUNK + 4 * 112) * (dkp + 8) + 4 * _CHUNK * (_CHUNK + 4) + 8 * 4 * dkp + 4 * 4 + 4 * 8
+
+
+@functools.cache
+def _scan_plans(dtype: str, Dk: int, Dv: int, shared_limit: int) -> tuple[_GlaPlan, ...]:
+    """The scan's tilings for these sizes, widest first (empty when the kernels do not cover them)."""
+    if 16 * math.ceil(Dk / 16) > _MAX_DK or _prepare_shared_bytes(16 * math.ceil(Dk / 16)) > shared_limit:
+        return ()
+    return narrowing_plans(_GlaPlan, dtype, Dk, Dv, _MAX_DK, shared_limit, _TILINGS)
+
+
+def chunked_gla_scan(call: cs.Call) -> tuple[Any, Any] | None:
+    """The scan of ``causal_scan`` on tensor cores, with a log-gate per key (..., T, Dk) and none per value.
+
+    ``call`` holds the operands q, k, v, gk, gv, state; returns ``(o, final_state)`` in
+    the caller's library, or None when the kernels do not cover the call.
+    """
+    qr, kr, vr, gr, gvr, sr = call.refs
+    T, Dk, Dv = qr.shape[-2], qr.shape[-1], vr.shape[-1]
+    if not ENABLED or gvr is not None or gr is None or gr.shape[-1] != Dk or Dk == 1:
+        return None
+    plans = _scan_plans(call.dtype, Dk, Dv, _shared_limit(call.device))
+    present = [r for r in call.refs if r is not None]
+    lead = cs.broadcast_lead(tuple(r.shape for r in present)) if all(len(r.shape) >= 2 for r in present) else None
+    if not plans or T == 0 or lead is None or len(lead) > 3:
+        return None
+    qo, ko, vo, go = (cs.operand(r) for r in (qr, kr, vr, gr))
+    # Rows on 16 bytes (8 elements) for cp.async, g's included.
+    if cs._vector_width([qo, ko, vo, go], 2, 8, 8) != 8:
+        return None
+    lead3 = (1,) * (3 - len(lead)) + lead
+    n_lead = math.prod(lead3)
+    plan = choose_plan(plans, n_lead, Dv, cs._sm_count(call.device), _FILL)
+    n_chunks = math.ceil(T / _CHUNK)
+    half = int(call.dtype == "float16")
+    run = call.launcher()
+
+    # P and its scales, held (by these names) until both launches are queued.
+    _p_hi, p_hi_ptr = call.empty((n_lead, n_chunks, _CHUNK, _CHUNK))
+    _p_lo, p_lo_ptr = call.empty((n_lead, n_chunks, _CHUNK, _CHUNK))
+    _p_scale, p_scale_ptr = call.empty((n_lead, n_chunks), "float32")
+    run("gla_chunk.cu", "gla_chunk_prepare", {"ELEM_HALF": half, "DKP": plan.dkp, "PREPARE": 1},
+        (n_chunks, n_lead, 1), _PREPARE_THREADS,
+        [qo.ptr, ko.ptr, go.ptr, p_hi_ptr, p_lo_ptr, p_scale_ptr, T, Dk, lead3[1], lead3[2], *qo.strides,
+         *ko.strides, *go.strides],
+        _prepare_shared_bytes(plan.dkp))
+
+    o, oo = call.output(lead, T, Dv)
+    s_out, s_out_ptr = call.empty((n_lead, Dk, Dv), "float32")
+    s_in, s_in_strides = cs.state_in(sr)
+    col_blocks = math.ceil(Dv / plan.columns)
+    defines = {"ELEM_HALF": half, "DKP": plan.dkp, "VB": plan.vb, "GROUPS": plan.groups, "WM": plan.wm,
+               "SEGS": plan.segments, "HAS_SIN": int(s_in != 0)}
+    run("gla_chunk.cu", "gla_chunk_scan", defines, (n_lead * col_blocks, 1, 1), plan.threads,
+        [qo.ptr, ko.ptr, vo.ptr, go.ptr, p_hi_ptr, p_lo_ptr, p_scale_ptr, s_in or s_out_ptr, oo.ptr, s_out_ptr,
+         T, Dk, Dv, lead3[1], lead3[2], col_blocks, *qo.strides, *ko.strides, *vo.strides, *oo.strides,
+         *go.strides, *s_in_strides],
+        plan.shared_bytes)
+    state_lead = cs.broadcast_lead(tuple(r.shape for r in (kr, vr, gr, sr) if r is not None))
+    return o, cs.final_state(s_out, lead3, state_lead, Dk, Dv)

@@ -1,0 +1,565 @@
+// The causal linear scan with a log-gate per key (GLA; RWKV-6 and HGRN before their
+// extras), in chunks, on tensor cores (mma.sync m16n8k16, float32 accumulation).
+//
+//   S_t = diag(e^{g_t}) S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t       (g_t in R^Dk)
+//
+// For a chunk of C = 64 steps entering with state S, with G_i = g_0 + ... + g_i inside it
+// (per key, so every product below is elementwise over the keys):
+//
+//   o_i    = (q_i ⊙ e^{G_i})^T S + sum_{j <= i} P_ij v_j,   P_ij = sum_d q_id k_jd e^{G_id - G_jd},
+//   S_exit = diag(e^{G_C}) S + sum_j (k_j ⊙ e^{G_C - G_j}) v_j^T.
+//
+// Two kernels. gla_chunk_prepare computes P for every chunk at once (P does not depend on
+// S). The chunk's rows and columns fall in four blocks of 16 steps. Below the diagonal
+// blocks (j in block c, i in a later block) each decay splits at the last step e of block
+// c into factors of one side each, e^{G_i - G_j} = e^{G_i - G_e} e^{G_e - G_j}, both <= 1
+// where the gates are <= 0: the decayed queries and keys are formed in shared memory and
+// multiplied on tensor cores. Inside a diagonal block the split is at the block's first
+// step, e^{G_i - G_j} = e^{Γ_i} e^{-Γ_j}, whose second factor is >= 1: it is used where
+// every |Γ| <= 30 (8 for float16, and k e^{-Γ} must fit the type), as it is for gates of
+// GLA's size; a block with stronger gates sums its 136 scores on the CUDA cores instead,
+// with e^{G_i - G_j} = prod_{j < t <= i} e^{g_t}, a product of at most 15 factors <= 1. The
+// log-decays are summed in float64. P is stored in two parts (64 x 64 per chunk).
+//
+// gla_chunk_scan walks each (leading index, tile of value columns) through its chunks in
+// order, the state in registers. Per chunk it forms q ⊙ e^{G} and k ⊙ e^{G_C - G} in shared
+// memory (the cumulative log-gates in float64, a thread per key: a difference of two long
+// float32 sums would lose a mild gate's digits behind a strong one), then O = (q ⊙ e^{G}) S,
+// O += P V, and the update.
+//
+// Precision, as in chunk_mma.cu: q, k and v enter the products as stored; every
+// intermediate that enters a product — the decayed queries and keys, P, the state — is
+// split into two parts x = hi + lo in the storage type, and a product of two split
+// operands keeps the three terms hi hi + hi lo + lo hi, so each product is exact to about
+// 2^-16 (bfloat16) or 2^-22 (float16) of its terms. For float16, P (a scale per chunk,
+// stored with it) and the state are scaled by powers of two so that both parts stay in
+// range; the decayed queries and keys are no larger than the stored ones.
+//
+// Compile-time parameters (-D): ELEM_HALF (float16, else bfloat16), DKP (keys padded to a
+// multiple of 16, at most 128); gla_chunk_scan also: VB (value columns per group of four
+// warps), GROUPS, WM (warps along the state's rows in the update), HAS_SIN, SEGS (threads
+// per pair of keys for the cumulative log-gates, a power of two, SEGS x DKP / 2 <= the block's
+// threads);
+// gla_chunk_prepare: PREPARE.
+//
+// Strides are in elements; the last axis of every operand is contiguous, every row starts
+// on 16 bytes, and Dk, Dv are multiples of 8 (the launcher checks). A time stride may be
+// negative (a reversed view); a leading stride of 0 broadcasts. P (two parts) is (leading
+// index, chunk, C, C), C-contiguous.
+
+#define CH 64
+#define QKS (DKP + 8)   // shared-memory row stride of the q, k and g tiles (+16 bytes against bank conflicts)
+#define PS (CH + 8)     // ... of the P tiles
+#define GATED 0         // mma_common.cuh's per-step gate helpers are not used here
+#define SCALED ELEM_HALF
+
+#include "mma_common.cuh"
+
+// Pairs of 16-bit values (keys d, d+1) as floats, and back in two parts.
+__device__ __forceinline__ float2 pair_at(const ELEM* tile, int at) {
+    return unpack2(*reinterpret_cast<const u32*>(tile + at));
+}
+
+__device__ __forceinline__ void split_pair(ELEM* hi, ELEM* lo, int at, float x, float y) {
+    u32 h, l;
+    split2(x, y, h, l);
+    *reinterpret_cast<u32*>(hi + at) = h;
+    *reinterpret_cast<u32*>(lo + at) = l;
+}
+
+#ifdef PREPARE
+#define PTHREADS 256
+#define QROWS 112       // decayed queries: blocks 1-3 against block 0 (rows 0-47), 2-3 against 1 (48-79), 3 against 2
+                        // (80-95); block 0 against itself (96-111)
+#define KROWS 112       // decayed keys: blocks 0-2 to their last step (rows 0-47), every block from its first (48-111)
+#define AS (DKP + 4)    // row stride of the float32 e^{g} tile
+#define FS (CH + 4)     // ... of the float32 P tile
+#define DS 17           // ... of a warp's diagonal scores
+// A diagonal block takes the factored form e^{G_i - G_j} = e^{Γ_i} e^{-Γ_j} (Γ the log-decay from
+// the block's first step) where every |Γ| <= MILD and every k e^{-Γ} fits the storage type.
+#if ELEM_HALF
+#define MILD 8.0
+#define ELEM_MAX 65504.f
+#else
+#define MILD 30.0
+#define ELEM_MAX 3.0e38f
+#endif
+
+// Row offset of the decayed queries of block c + 1 against column block c (rows 16 (c+1) .. 63).
+__device__ __forceinline__ int query_rows(int c) { return c == 0 ? 0 : (c == 1 ? 48 : 80); }
+
+// One block of eight warps per (chunk, leading index).
+extern "C" __global__ void __launch_bounds__(PTHREADS)
+gla_chunk_prepare(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ g,
+                  ELEM* __restrict__ p_hi, ELEM* __restrict__ p_lo, float* __restrict__ p_scale, i64 T, int Dk,
+                  i64 n1, i64 n2, i64 qs0, i64 qs1, i64 qs2, i64 qts, i64 ks0, i64 ks1, i64 ks2, i64 kts,
+                  i64 gs0, i64 gs1, i64 gs2, i64 gts) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    ELEM* sq = reinterpret_cast<ELEM*>(smem);   // [CH][QKS]
+    ELEM* sk = sq + CH * QKS;                    // [CH][QKS]
+    ELEM* sg = sk + CH * QKS;                    // [CH][QKS]
+    ELEM* sqh = sg + CH * QKS;                   // [QROWS][QKS]  decayed queries, two parts
+    ELEM* sql = sqh + QROWS * QKS;
+    ELEM* skh = sql + QROWS * QKS;               // [KROWS][QKS]  decayed keys, two parts
+    ELEM* skl = skh + KROWS * QKS;
+    float* sp = reinterpret_cast<float*>(skl + KROWS * QKS);  // [CH][FS]  P
+    double* sbeta = reinterpret_cast<double*>(sp + CH * FS);  // [4][DKP]  each block's log-decay per key
+    int* smild = reinterpret_cast<int*>(sbeta + 4 * DKP);     // [4]       whether a diagonal block is factored
+    [[maybe_unused]] float* sred = reinterpret_cast<float*>(smild + 4);  // [8] per-warp max |P|
+    float* sa = reinterpret_cast<float*>(sqh);   // [CH][AS]      e^{g}, once the products are done
+    float* sd = sa + CH * AS;                     // [8][16][DS]   the diagonal blocks' partial scores
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int chunk = blockIdx.x;
+    const i64 lead = blockIdx.y, la = lead / (n1 * n2), lb = (lead / n2) % n1, lc = lead % n2;
+    const i64 t0 = (i64)chunk * CH, valid = min((i64)CH, T - t0);
+    stage_tile<CH, DKP, PTHREADS>(sq, QKS, q + la * qs0 + lb * qs1 + lc * qs2 + t0 * qts, qts, valid, Dk);
+    stage_tile<CH, DKP, PTHREADS>(sk, QKS, k + la * ks0 + lb * ks1 + lc * ks2 + t0 * kts, kts, valid, Dk);
+    stage_tile<CH, DKP, PTHREADS>(sg, QKS, g + la * gs0 + lb * gs1 + lc * gs2 + t0 * gts, gts, valid, Dk);
+    copy_commit();
+    for (int p = threadIdx.x; p < CH * FS; p += PTHREADS) sp[p] = 0.f;
+    if (threadIdx.x < 4) smild[threadIdx.x] = 1;
+    copy_wait();
+    __syncthreads();
+
+    // The decayed operands, keys (d, d+1) of block b by one thread: each block's log-decay
+    // β_b, then with Γ_i the log-decay from the block's first step to i (float64), the
+    // queries q_i e^{Γ_i} e^{β_{c+1} + ... + β_{b-1}} against each earlier block c, the keys
+    // k_j e^{β_b - Γ_j} to the block's last step, and the keys k_j e^{-Γ_j} of the diagonal.
+    const int d = 2 * (threadIdx.x % (DKP / 2)), b = threadIdx.x / (DKP / 2);
+    if (b < 4) {
+        double s0 = 0.0, s1 = 0.0;
+#pragma unroll
+        for (int jj = 0; jj < 16; ++jj) {
+            const float2 gv = pair_at(sg, (16 * b + jj) * QKS + d);
+            s0 += (double)gv.x;
+            s1 += (double)gv.y;
+        }
+        sbeta[b * DKP + d] = s0;
+        sbeta[b * DKP + d + 1] = s1;
+    }
+    __syncthreads();
+    if (b < 4) {
+        float F0[3], F1[3];  // e^{β_{c+1} + ... + β_{b-1}} for c < b
+#pragma unroll
+        for (int c = 0; c < 3; ++c) {
+            double e0 = 0.0, e1 = 0.0;
+            for (int cc = c + 1; cc < b; ++cc) {
+                e0 += sbeta[cc * DKP + d];
+                e1 += sbeta[cc * DKP + d + 1];
+            }
+            F0[c] = expf((float)e0);
+            F1[c] = expf((float)e1);
+        }
+        const double beta0 = sbeta[b * DKP + d], beta1 = sbeta[b * DKP + d + 1];
+        const float eb0 = expf((float)beta0), eb1 = expf((float)beta1);
+        double G0 = 0.0, G1 = 0.0;
+        bool mild = true;
+#pragma unroll 4
+        for (int jj = 0; jj < 16; ++jj) {
+            const int at = (16 * b + jj) * QKS + d;
+            const float2 gv = pair_at(sg, at), qv = pair_at(sq, at), kv = pair_at(sk, at);
+            G0 += (double)gv.x;
+            G1 += (double)gv.y;
+            const float e0 = expf((float)G0), e1 = expf((float)G1);
+#pragma unroll
+            for (int c = 0; c < 3; ++c)
+                if (c < b)
+                    split_pair(sqh, sql, (query_rows(c) + 16 * (b - c - 1) + jj) * QKS + d, qv.x * e0 * F0[c],
+                               qv.y * e1 * F1[c]);
+            if (b == 0) split_pair(sqh, sql, (96 + jj) * QKS + d, qv.x * e0, qv.y * e1);
+            // e^{-Γ} as 1 / e^{Γ}, and e^{β - Γ} = e^{β} / e^{Γ}, where |β|, |Γ| <= MILD (no overflow).
+            const bool mild0 = fabs(G0) <= MILD && fabs(beta0) <= MILD, mild1 = fabs(G1) <= MILD && fabs(beta1) <= MILD;
+            const float r0 = 1.f / e0, r1 = 1.f / e1;
+            if (b < 3)
+                split_pair(skh, skl, at, kv.x * (mild0 ? eb0 * r0 : expf((float)(beta0 - G0))),
+                           kv.y * (mild1 ? eb1 * r1 : expf((float)(beta1 - G1))));
+            const float x = kv.x * r0, y = kv.y * r1;
+            mild = mild && mild0 && mild1 && fabsf(x) < ELEM_MAX && fabsf(y) < ELEM_MAX;
+            split_pair(skh, skl, (48 + 16 * b + jj) * QKS + d, x, y);
+        }
+        if (!mild) smild[b] = 0;  // (every writer writes 0)
+    }
+    __syncthreads();
+    const bool all_mild = smild[0] && smild[1] && smild[2] && smild[3];
+
+    // Warps 0-5 each take one of the six pairs (row block b, column block c < b) below the
+    // diagonal; warps 6 and 7 two factored diagonal blocks each (masked to j <= i). Three
+    // products of two parts each, into P.
+    {
+        const int pair = warp < 6 ? warp : 6 + 2 * (warp - 6);
+        for (int round = 0; round < (warp < 6 ? 1 : 2); ++round) {
+            const int diag = warp < 6 ? -1 : pair - 6 + round;  // the diagonal block, or -1
+            const int rb = diag >= 0 ? diag : (warp < 3 ? 3 : (warp < 5 ? 2 : 1));
+            const int cb = diag >= 0 ? diag : (warp < 3 ? warp : (warp < 5 ? warp - 3 : 0));
+            if (diag >= 0 && !smild[diag]) continue;
+            const int qrow = diag == 0 ? 96 : (diag > 0 ? query_rows(diag - 1) : query_rows(cb) + 16 * (rb - cb - 1));
+            const int krow = diag >= 0 ? 48 + 16 * diag : 16 * cb;
+            float acc[2][4] = {};
+#pragma unroll
+            for (int kk = 0; kk < DKP / 16; ++kk) {
+                u32 ah[4], al[4], bh[4], bl[4];
+                const int a_off = (qrow + (lane & 15)) * QKS + kk * 16 + (lane >> 4) * 8;
+                const int b_off = (krow + (lane & 7) + (lane >> 4) * 8) * QKS + kk * 16 + ((lane >> 3) & 1) * 8;
+                ldsm(ah, sqh + a_off);
+                ldsm(al, sql + a_off);
+                ldsm(bh, skh + b_off);
+                ldsm(bl, skl + b_off);
+                mma16(acc[0], acc[1], ah, bh);
+                mma16(acc[0], acc[1], ah, bl);
+                mma16(acc[0], acc[1], al, bh);
+            }
+#pragma unroll
+            for (int t = 0; t < 2; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int ii = gid + (e >> 1) * 8, jj = 8 * t + 2 * tig + (e & 1);
+                    sp[(16 * rb + ii) * FS + 16 * cb + jj] = diag < 0 || jj <= ii ? acc[t][e] : 0.f;
+                }
+        }
+    }
+    // A diagonal block outside the factored form's range (strong or growing gates): warp w
+    // takes block b = w % 4 and the key groups (of 8) of slots 2 (w / 4) and 2 (w / 4) + 1;
+    // lane (jj, slot) sums column j = 16 b + jj against every row i >= j of the block, with
+    // the decay carried as the running product w_i = w_{i-1} e^{g_i} of factors <= 1.
+    if (!all_mild) {
+        __syncthreads();  // the decayed tiles are free: e^{g} and the diagonal scores take their place
+        for (int p = threadIdx.x; p < CH * DKP / 2; p += PTHREADS) {
+            const int i = p / (DKP / 2), d = 2 * (p % (DKP / 2));
+            const float2 gv = pair_at(sg, i * QKS + d);
+            *reinterpret_cast<float2*>(sa + i * AS + d) = make_float2(expf(gv.x), expf(gv.y));
+        }
+        __syncthreads();
+        const int b = warp & 3;
+        if (!smild[b]) {
+            const int jj = lane & 15, slot = 2 * (warp >> 2) + (lane >> 4), j = 16 * b + jj;
+            float acc[16];
+#pragma unroll
+            for (int ii = 0; ii < 16; ++ii) acc[ii] = 0.f;
+            for (int d0 = 8 * slot; d0 < DKP; d0 += 32) {
+                float kj[8], w[8];
+                {
+                    const uint4 raw = *reinterpret_cast<const uint4*>(sk + j * QKS + d0);
+                    const u32 r[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+                    for (int x = 0; x < 4; ++x) {
+                        const float2 f = unpack2(r[x]);
+                        kj[2 * x] = f.x;
+                        kj[2 * x + 1] = f.y;
+                    }
+                }
+#pragma unroll
+                for (int x = 0; x < 8; ++x) w[x] = 1.f;
+#pragma unroll
+                for (int ii = 0; ii < 16; ++ii) {
+                    const int i = 16 * b + ii;
+                    const uint4 raw = *reinterpret_cast<const uint4*>(sq + i * QKS + d0);
+                    const float4 a0 = *reinterpret_cast<const float4*>(sa + i * AS + d0);
+                    const float4 a1 = *reinterpret_cast<const float4*>(sa + i * AS + d0 + 4);
+                    const u32 r[4] = {raw.x, raw.y, raw.z, raw.w};
+                    const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+                    float sum = 0.f;
+#pragma unroll
+                    for (int x = 0; x < 4; ++x) {
+                        const float2 f = unpack2(r[x]);
+                        if (ii > jj) {
+                            w[2 * x] *= a[2 * x];
+                            w[2 * x + 1] *= a[2 * x + 1];
+                        }
+                        sum = fmaf(f.x * kj[2 * x], w[2 * x], sum);
+                        sum = fmaf(f.y * kj[2 * x + 1], w[2 * x + 1], sum);
+                    }
+                    if (ii >= jj) acc[ii] += sum;
+                }
+            }
+            float* mine = sd + warp * 16 * DS;
+#pragma unroll
+            for (int ii = 0; ii < 16; ++ii) {
+                const float x = acc[ii] + __shfl_xor_sync(FULL, acc[ii], 16);
+                if (lane < 16) mine[ii * DS + jj] = x;  // 0 above the diagonal (ii < jj)
+            }
+        }
+        __syncthreads();
+        for (int p = threadIdx.x; p < 4 * 256; p += PTHREADS) {  // the two warps' halves, in a fixed order
+            const int bb = p / 256, ii = (p / 16) % 16, jj = p % 16;
+            if (!smild[bb])
+                sp[(16 * bb + ii) * FS + 16 * bb + jj] = sd[(bb * 16 + ii) * DS + jj] + sd[((bb + 4) * 16 + ii) * DS + jj];
+        }
+    }
+    __syncthreads();  // P is whole
+
+    // P in two parts (times the chunk's power of two for float16), 64 x 64.
+    float scale = 1.f;
+#if SCALED
+    {
+        float m = 0.f;
+        for (int p = threadIdx.x; p < CH * CH; p += PTHREADS) m = fmaxf(m, fabsf(sp[(p / CH) * FS + p % CH]));
+        m = warp_max(m);
+        if (lane == 0) sred[warp] = m;
+        __syncthreads();
+        scale = pow2_scale(max_of<PTHREADS / 32>(sred));
+        if (threadIdx.x == 0) p_scale[lead * gridDim.x + chunk] = scale;
+    }
+#endif
+    const i64 at = (lead * gridDim.x + chunk) * (i64)(CH * CH);
+    for (int p = threadIdx.x; p < CH * CH / 2; p += PTHREADS) {
+        const int i = p / (CH / 2), j = 2 * (p % (CH / 2));
+        split_pair(p_hi + at, p_lo + at, i * CH + j, sp[i * FS + j] * scale, sp[i * FS + j + 1] * scale);
+    }
+}
+#endif  // PREPARE
+
+#ifdef VB
+#define NWARPS (4 * GROUPS)   // GROUPS sets of four warps, each owning VB of the block's value columns
+#define NTHREADS (NWARPS * 32)
+#define VBB (GROUPS * VB)      // the block's value columns
+#define VS (VBB + 8)           // shared row stride of the v and state tiles
+#define WN (4 / WM)
+#define MT (DKP / 16 / WM)     // state row tiles (16) per warp
+#define NT (VB / 8 / WN)       // state column tiles (8) per warp
+#define ONT (VB / 8)           // output column tiles per warp
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ v,
+               const ELEM* __restrict__ g, const ELEM* __restrict__ p_hi, const ELEM* __restrict__ p_lo,
+               const float* __restrict__ p_scale, const float* __restrict__ s_in, ELEM* __restrict__ o,
+               float* __restrict__ s_out, i64 T, int Dk, int Dv, i64 n1, i64 n2, int col_blocks,
+               i64 qs0, i64 qs1, i64 qs2, i64 qts, i64 ks0, i64 ks1, i64 ks2, i64 kts,
+               i64 vs0, i64 vs1, i64 vs2, i64 vts, i64 os0, i64 os1, i64 os2, i64 ots,
+               i64 gs0, i64 gs1, i64 gs2, i64 gts, i64 ss0, i64 ss1, i64 ss2, i64 sseg, i64 srow, i64 scol) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    ELEM* sq = reinterpret_cast<ELEM*>(smem);              // [CH][QKS]   q, k, g as stored (the next chunk's
+    ELEM* sk = sq + CH * QKS;                               // [CH][QKS]   arrive while this one is computed)
+    ELEM* sg = sk + CH * QKS;                               // [CH][QKS]
+    ELEM* sqh = sg + CH * QKS;                              // [CH][QKS]   q ⊙ e^{G}, two parts
+    ELEM* sql = sqh + CH * QKS;
+    ELEM* skh = sql + CH * QKS;                             // [CH][QKS]   k ⊙ e^{G_C - G}, two parts
+    ELEM* skl = skh + CH * QKS;
+    ELEM* sv = skl + CH * QKS;                              // [2][CH][VS]
+    ELEM* sph = sv + 2 * CH * VS;                           // [2][CH][PS] P, two parts
+    ELEM* spl = sph + 2 * CH * PS;
+    ELEM* shi = spl + 2 * CH * PS;                          // [DKP][VS]   the entering state, two parts
+    ELEM* slo = shi + DKP * VS;
+    double* spart = reinterpret_cast<double*>(slo + DKP * VS);  // [SEGS][DKP] log-gate sums per segment
+    float* sdec = reinterpret_cast<float*>(spart + SEGS * DKP); // [DKP]       e^{G_C}
+    [[maybe_unused]] float* sred = sdec + DKP;                  // [NWARPS]    per-warp max |S|
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int c0 = (blockIdx.x % col_blocks) * VBB;
+    const int gw = warp & 3, cg = (warp >> 2) * VB, row0 = 16 * gw;
+    const i64 lead = blockIdx.x / col_blocks;
+    const i64 la = lead / (n1 * n2), lb = (lead / n2) % n1, lc = lead % n2;
+    const int n_chunks = (int)((T + CH - 1) / CH);
+    const ELEM* qb = q + la * qs0 + lb * qs1 + lc * qs2;
+    const ELEM* kb = k + la * ks0 + lb * ks1 + lc * ks2;
+    const ELEM* gb = g + la * gs0 + lb * gs1 + lc * gs2;
+    const ELEM* vb = v + la * vs0 + lb * vs1 + lc * vs2 + c0;
+    const ELEM* phb = p_hi + lead * n_chunks * (i64)(CH * CH);
+    const ELEM* plb = p_lo + lead * n_chunks * (i64)(CH * CH);
+    [[maybe_unused]] const float* psb = p_scale + lead * n_chunks;
+    ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + c0 + cg + 2 * tig;
+
+    // This warp's tile of the state: rows d_base + [0, 16 MT), columns c_base + [0, 8 NT).
+    const int d_base = (gw % WM) * MT * 16, c_base = cg + (gw / WM) * NT * 8;
+    float S[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                [[maybe_unused]] const int d = d_base + mt * 16 + gid + (e >> 1) * 8;
+                [[maybe_unused]] const int c = c0 + c_base + nt * 8 + 2 * tig + (e & 1);
+                float x = 0.f;
+#if HAS_SIN
+                if (d < Dk && c < Dv) x = s_in[la * ss0 + lb * ss1 + lc * ss2 + d * srow + c * scol];
+#endif
+                S[mt][nt][e] = x;
+            }
+
+    // q, k and g of chunk n as stored; v and P of chunk n into buffer `buf`.
+    auto load_chunk = [&](int n, int buf) {
+        const i64 t0 = (i64)n * CH;
+        stage_tile<CH, DKP, NTHREADS>(sq, QKS, qb + t0 * qts, qts, T - t0, Dk);
+        stage_tile<CH, DKP, NTHREADS>(sk, QKS, kb + t0 * kts, kts, T - t0, Dk);
+        stage_tile<CH, DKP, NTHREADS>(sg, QKS, gb + t0 * gts, gts, T - t0, Dk);
+        stage_tile<CH, VBB, NTHREADS>(sv + buf * CH * VS, VS, vb + t0 * vts, vts, T - t0, Dv - c0);
+        stage_tile<CH, CH, NTHREADS>(sph + buf * CH * PS, PS, phb + (i64)n * CH * CH, CH, CH, CH);
+        stage_tile<CH, CH, NTHREADS>(spl + buf * CH * PS, PS, plb + (i64)n * CH * CH, CH, CH, CH);
+        copy_commit();
+    };
+
+    float state_scale = 1.f;  // the shared state holds S * state_scale
+    load_chunk(0, 0);
+#if SCALED
+    {
+        const float m = state_max(S);  // a warp-wide reduction: every lane takes part
+        if (lane == 0) sred[warp] = m;
+    }
+    __syncthreads();
+    state_scale = pow2_scale(max_of<NWARPS>(sred));
+#endif
+    share_state(S, state_scale, shi, slo, VS, d_base, c_base, true);
+
+    // The cumulative log-gates: thread (seg, keys d, d+1) over steps [seg CH / SEGS, (seg + 1) CH / SEGS).
+    const int key = 2 * (threadIdx.x % (DKP / 2)), seg = threadIdx.x / (DKP / 2);
+    const bool gate_thread = seg < SEGS;
+    constexpr int SEG_ROWS = CH / SEGS;
+
+    for (int n = 0; n < n_chunks; ++n) {
+        const int buf = n & 1;
+        const i64 t0 = (i64)n * CH;
+        copy_wait();
+        __syncthreads();  // chunk n is in shared memory, and so is the state entering it
+
+        // q ⊙ e^{G} and k ⊙ e^{G_C - G} in two parts; e^{G_C}.
+        if (gate_thread) {
+            double part0 = 0.0, part1 = 0.0;
+#pragma unroll
+            for (int r = 0; r < SEG_ROWS; ++r) {
+                const float2 x = pair_at(sg, (seg * SEG_ROWS + r) * QKS + key);
+                part0 += (double)x.x;
+                part1 += (double)x.y;
+            }
+            spart[seg * DKP + key] = part0;
+            spart[seg * DKP + key + 1] = part1;
+        }
+        __syncthreads();
+        if (gate_thread) {
+            double G0 = 0.0, G1 = 0.0, total0 = 0.0, total1 = 0.0;
+#pragma unroll
+            for (int s = 0; s < SEGS; ++s) {
+                const double x0 = spart[s * DKP + key], x1 = spart[s * DKP + key + 1];
+                total0 += x0;
+                total1 += x1;
+                if (s < seg) {
+                    G0 += x0;
+                    G1 += x1;
+                }
+            }
+            if (seg == 0) *reinterpret_cast<float2*>(sdec + key) = make_float2(expf((float)total0), expf((float)total1));
+#pragma unroll 4
+            for (int r = 0; r < SEG_ROWS; ++r) {
+                const int at = (seg * SEG_ROWS + r) * QKS + key;
+                const float2 gv = pair_at(sg, at), qv = pair_at(sq, at), kv = pair_at(sk, at);
+                G0 += (double)gv.x;
+                G1 += (double)gv.y;
+                split_pair(sqh, sql, at, qv.x * expf((float)G0), qv.y * expf((float)G1));
+                split_pair(skh, skl, at, kv.x * expf((float)(total0 - G0)), kv.y * expf((float)(total1 - G1)));
+            }
+        }
+        __syncthreads();  // the decayed tiles are whole; the stored q, k, g are free
+        if (n + 1 < n_chunks) load_chunk(n + 1, buf ^ 1);
+        const ELEM* vt = sv + buf * CH * VS;
+        const ELEM* pht = sph + buf * CH * PS;
+        const ELEM* plt = spl + buf * CH * PS;
+
+        // O = (q ⊙ e^{G}) (S s): this warp's 16 rows, three products of two parts each.
+        float O[ONT][4];
+#pragma unroll
+        for (int t = 0; t < ONT; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) O[t][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DKP / 16; ++kk) {
+            u32 ah[4], al[4];
+            const int a_off = (row0 + (lane & 15)) * QKS + kk * 16 + (lane >> 4) * 8;
+            ldsm(ah, sqh + a_off);
+            ldsm(al, sql + a_off);
+#pragma unroll
+            for (int np = 0; np < VB / 16; ++np) {
+                const int off = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + cg + np * 16 + (lane >> 4) * 8;
+                u32 b[4];
+                ldsm_t(b, shi + off);
+                mma16(O[2 * np], O[2 * np + 1], ah, b);
+                mma16(O[2 * np], O[2 * np + 1], al, b);
+                ldsm_t(b, slo + off);
+                mma16(O[2 * np], O[2 * np + 1], ah, b);
+            }
+        }
+
+        // O += (P p) V over the column blocks kk <= gw, through the two scales.
+        float p = 1.f;
+#if SCALED
+        p = psb[n];
+#endif
+        {
+            const float f = p / state_scale;
+#pragma unroll
+            for (int t = 0; t < ONT; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) O[t][e] *= f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            if (kk > gw) continue;
+            u32 ah[4], al[4];
+            const int a_off = (row0 + (lane & 15)) * PS + kk * 16 + (lane >> 4) * 8;
+            ldsm(ah, pht + a_off);
+            ldsm(al, plt + a_off);
+#pragma unroll
+            for (int np = 0; np < VB / 16; ++np) {
+                u32 b[4];
+                ldsm_t(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + cg + np * 16 + (lane >> 4) * 8);
+                mma16(O[2 * np], O[2 * np + 1], ah, b);
+                mma16(O[2 * np], O[2 * np + 1], al, b);
+            }
+        }
+        {
+            const float unscale = 1.f / p;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const i64 t = t0 + row0 + gid + h * 8;
+                if (t >= T) continue;
+#pragma unroll
+                for (int tt = 0; tt < ONT; ++tt)
+                    if (c0 + cg + tt * 8 + 2 * tig < Dv)
+                        *reinterpret_cast<u32*>(ob + t * ots + tt * 8) =
+                            pack2(O[tt][2 * h] * unscale, O[tt][2 * h + 1] * unscale);
+            }
+        }
+
+        // The update of this warp's state tile: S <- diag(e^{G_C}) S + (k ⊙ e^{G_C - G})^T V.
+        for_each_state<MT, NT>(d_base, 0, [&](int mt, int nt, int e, int d, int) { S[mt][nt][e] *= sdec[d]; });
+#pragma unroll
+        for (int kk = 0; kk < CH / 16; ++kk) {
+            u32 ah[MT][4], al[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int off = (kk * 16 + (lane & 7) + (lane >> 4) * 8) * QKS + d_base + mt * 16 + ((lane >> 3) & 1) * 8;
+                ldsm_t(ah[mt], skh + off);
+                ldsm_t(al[mt], skl + off);
+            }
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                u32 b[4];
+                ldsm_t(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + c_base + np * 16 + (lane >> 4) * 8);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16(S[mt][2 * np], S[mt][2 * np + 1], ah[mt], b);
+                    mma16(S[mt][2 * np], S[mt][2 * np + 1], al[mt], b);
+                }
+            }
+        }
+#if SCALED
+        {
+            const float m = state_max(S);
+            if (lane == 0) sred[warp] = m;
+        }
+#endif
+        __syncthreads();  // every warp is done with the shared state and the decayed tiles
+        if (n + 1 < n_chunks) {
+#if SCALED
+            state_scale = pow2_scale(max_of<NWARPS>(sred));
+#endif
+            share_state(S, state_scale, shi, slo, VS, d_base, c_base, true);
+        }
+    }
+
+    // The exit state: s_out[lead][Dk][Dv].
+    float* sb = s_out + lead * Dk * (i64)Dv;
+    for_each_state<MT, NT>(d_base, c0 + c_base, [&](int mt, int nt, int e, int d, int c) {
+        if (d < Dk && c < Dv) sb[(i64)d * Dv + c] = S[mt][nt][e];
+    });
+}
+#endif  // VB
