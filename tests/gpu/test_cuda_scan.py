@@ -11,6 +11,7 @@ largest output: ε_storage relative to max|o| covers it with a factor 2.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -254,13 +255,15 @@ def test_reversed_scan_kernel_matches_the_reference(cp: Any, problem: dict[str, 
 
 
 @pytest.mark.parametrize("gates", ["none", "step", "key"])
-def test_reversed_scan_reads_torch_tensors_in_place(cp: Any, tensor_core_calls: list[bool], gates: str) -> None:
+def test_reversed_scan_reads_torch_tensors_in_place(cp: Any, tensor_core_calls: list[bool],
+                                                    gla_tensor_core_calls: list[bool], gates: str) -> None:
     """PyTorch has no negative strides, so a flip would copy; the reversed kernels read the tensors as they are.
 
-    Long and one head, so each kernel takes its three-pass time-segmented path: the
-    tensor-core kernel without a gate or with one per step, the CUDA-core one per key.
-    The memory the call allocates is its output and the segments' states: less than the
-    copies of q, k and v that flipping them would need.
+    Long and one head: without a gate or with one per step the linear tensor-core kernel
+    takes its three-pass time-segmented path; with one per key the GLA tensor-core kernels
+    run. The memory the call allocates is its output, the segments' states and (per key)
+    the intra-chunk scores P: less than the copies of q, k and v that flipping them would
+    need on top of those.
     """
     torch = _torch_with_cuda()
     from linattn.backends import get_backend
@@ -280,14 +283,16 @@ def test_reversed_scan_reads_torch_tensors_in_place(cp: Any, tensor_core_calls: 
                                                              dev["initial_state"])
     torch.cuda.synchronize()
     allocated = torch.cuda.max_memory_allocated() - before
-    # The tensor-core launcher covers no gate or one per step (the per-key call never reaches it).
     assert tensor_core_calls == ([] if gates == "key" else [True])
+    assert gla_tensor_core_calls == ([True] if gates == "key" else [])
     _check(o.double().cpu().numpy(), o_ref, "float16", 3001 * 64, "outputs")
     _check(s.double().cpu().numpy(), s_ref, "float32", 3001 * 64, "final state")
     # Flipping would hold copies of q, k and v (3 × q's bytes) besides the output; the
-    # segments' states (at most 2·11 + 1 of 64 × 64 float32 here) take less than one.
+    # segments' states (at most 2·11 + 1 of 64 × 64 float32 here) take less than one;
+    # P takes two float16 parts of 64 × 64 and a float32 scale per chunk of 64 steps.
     q_bytes = dev["q"].numel() * dev["q"].element_size()
-    assert allocated < o.numel() * o.element_size() + 2 * q_bytes
+    p_bytes = math.ceil(3001 / 64) * (2 * 64 * 64 * 2 + 4) if gates == "key" else 0
+    assert allocated < o.numel() * o.element_size() + 2 * q_bytes + p_bytes
 
 
 @st.composite
