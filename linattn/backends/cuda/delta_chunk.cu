@@ -147,23 +147,6 @@ delta_chunk_prepare(const ELEM* __restrict__ k, const ELEM* __restrict__ beta, c
 #define NT (VB / 8 / WN)       // state column tiles (8) per warp
 #define ONT (VB / 8)           // output (and R, U) column tiles per warp
 
-// acc += (a_hi + a_lo) x (B_hi + B_lo) without the lo x lo term, over the VB columns from
-// `col`: a the warp's 16 x 16 A fragments, B the 16 rows from `row` of two-part tiles (row stride VS).
-__device__ __forceinline__ void mma_two_parts(float (&acc)[ONT][4], const u32 (&ah)[4], const u32 (&al)[4],
-                                              const ELEM* bh, const ELEM* bl, int row, int col) {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int np = 0; np < VB / 16; ++np) {
-        const int off = (row + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + col + np * 16 + (lane >> 4) * 8;
-        u32 b[4];
-        ldsm_t(b, bh + off);
-        mma16(acc[2 * np], acc[2 * np + 1], ah, b);
-        mma16(acc[2 * np], acc[2 * np + 1], al, b);
-        ldsm_t(b, bl + off);
-        mma16(acc[2 * np], acc[2 * np + 1], ah, b);
-    }
-}
-
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ v,
                  const ELEM* __restrict__ a_hi, const ELEM* __restrict__ a_lo, const float* __restrict__ a_scale,
@@ -366,7 +349,7 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
             const int a_off = (row0 + (lane & 15)) * AS + kk * 16 + (lane >> 4) * 8;
             ldsm(ah, sah + a_off);
             ldsm(al, sal + a_off);
-            mma_two_parts(U, ah, al, srh, srl, kk * 16, cg);
+            mma_two_parts(U, ah, al, srh, srl, VS, kk * 16, cg);
         }
         {
             float unscale = 1.f / r_scale;
@@ -417,7 +400,7 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
                 const float* x = sc[2 * kk + (r >> 1)] + (r & 1) * 2;
                 split2(x[0] * score_scale, x[1] * score_scale, ah[r], al[r]);
             }
-            mma_two_parts(O, ah, al, srh, srl, kk * 16, cg);
+            mma_two_parts(O, ah, al, srh, srl, VS, kk * 16, cg);
         }
         {
             const float unscale = 1.f / (score_scale * u_scale);

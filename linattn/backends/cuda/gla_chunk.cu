@@ -466,16 +466,7 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
             const int a_off = (row0 + (lane & 15)) * QKS + kk * 16 + (lane >> 4) * 8;
             ldsm(ah, sqh + a_off);
             ldsm(al, sql + a_off);
-#pragma unroll
-            for (int np = 0; np < VB / 16; ++np) {
-                const int off = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + cg + np * 16 + (lane >> 4) * 8;
-                u32 b[4];
-                ldsm_t(b, shi + off);
-                mma16(O[2 * np], O[2 * np + 1], ah, b);
-                mma16(O[2 * np], O[2 * np + 1], al, b);
-                ldsm_t(b, slo + off);
-                mma16(O[2 * np], O[2 * np + 1], ah, b);
-            }
+            mma_two_parts(O, ah, al, shi, slo, VS, kk * 16, cg);
         }
 
         // O += (P p) V over the column blocks kk <= gw, through the two scales.

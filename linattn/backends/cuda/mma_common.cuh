@@ -124,6 +124,24 @@ __device__ __forceinline__ void mma16(float (&d0)[4], float (&d1)[4], const u32 
     mma(d1, a, b[2], b[3]);
 }
 
+// acc += (a_hi + a_lo) x (B_hi + B_lo) without the lo x lo term, over 8 N columns from `col`:
+// a the warp's 16 x 16 A fragments, B the 16 rows from `row` of two-part tiles (row stride `stride`).
+template <int N>
+__device__ __forceinline__ void mma_two_parts(float (&acc)[N][4], const u32 (&ah)[4], const u32 (&al)[4],
+                                              const ELEM* bh, const ELEM* bl, int stride, int row, int col) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int np = 0; np < N / 2; ++np) {
+        const int off = (row + (lane & 7) + ((lane >> 3) & 1) * 8) * stride + col + np * 16 + (lane >> 4) * 8;
+        u32 b[4];
+        ldsm_t(b, bh + off);
+        mma16(acc[2 * np], acc[2 * np + 1], ah, b);
+        mma16(acc[2 * np], acc[2 * np + 1], al, b);
+        ldsm_t(b, bl + off);
+        mma16(acc[2 * np], acc[2 * np + 1], ah, b);
+    }
+}
+
 // A warp's tile of a float32 state in accumulator layout: element e of S[mt][nt] is row
 // d0 + 16 mt + gid + 8 (e / 2) and column c0 + 8 nt + 2 tig + e % 2. f(mt, nt, e, row, column).
 template <int TM, int TN, typename F>
