@@ -7,6 +7,7 @@ rather than at a user's first kernel call on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import re
@@ -53,6 +54,26 @@ def test_whole_warp_plans_are_whole_warps_and_cover_the_columns(dtype: str, budg
             continue
         assert plan.threads % 32 == 0 and plan.threads <= 1024, (Dk, Dv, plan)
         assert plan.ksplit * plan.kpt >= Dk and plan.vb % plan.nc == 0, (Dk, Dv, plan)
+
+
+def test_linear_tensor_core_plans_fit_and_share_q_and_k_where_they_can() -> None:
+    """The linear kernel's plan fits an H100's shared memory, two groups wherever Dv has their columns.
+
+    Where two groups with two q tiles in flight do not fit (Dk = 256), they share one.
+    """
+    from linattn.backends import _cuda_chunk as cc
+
+    limit = 227 * 1024
+    for dtype, Dk, Dv in itertools.product(["float16", "bfloat16"], range(8, 257, 8), range(8, 257, 8)):
+        plan = cc._chunk_plan(dtype, Dk, Dv, limit)
+        if plan is None:  # an odd number of 16-key tiles that four warps cannot split
+            assert cc.warps_along_rows(16 * -(-Dk // 16), min(64 if Dk <= 128 else 32, 16 * -(-Dv // 16))) is None
+            continue
+        assert plan.shared_bytes <= limit and plan.dkp >= Dk, (Dk, Dv, plan)
+        assert plan.groups == (2 if Dv > plan.vb else 1), (Dk, Dv, plan)  # both groups whenever Dv has the columns
+        two_q_tiles = dataclasses.replace(plan, q_tiles=2)
+        assert plan.q_tiles == (2 if two_q_tiles.shared_bytes <= limit else 1), (Dk, Dv, plan)
+    assert cc._chunk_plan("bfloat16", 256, 256, limit).q_tiles == 1  # FLA's D = 256 benchmark shape
 
 
 @pytest.mark.parametrize("module", ["_cuda_delta_chunk", "_cuda_gla_chunk"])

@@ -5,10 +5,11 @@ Run on the GPU machine::
     compute-sanitizer --tool racecheck python3 docs/scripts/gpu_sanitize.py
     compute-sanitizer --tool memcheck python3 docs/scripts/gpu_sanitize.py
 
-Covers the forward scans (tensor-core and CUDA-core, with and without gates, in three
-passes where T is long), the reversed scans of the gradients, the delta rule and its
-gradient kernels (β per step and per value, gates, states). Sizes are small so that the
-instrumented run takes seconds; the results are checked elsewhere (tests/gpu).
+Covers the forward scans (tensor-core and CUDA-core, with and without gates, per step and
+per key, in three passes where T is long; Dk = 256 with one q tile), the reversed scans of
+the gradients, the delta rule and its gradient kernels (β per step and per value, gates,
+states), on the tensor cores and the CUDA cores. Sizes are small so that the instrumented
+run takes seconds; the results are checked elsewhere (tests/gpu).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main() -> None:
             causal_scan(q, k, v, gk=gate, backend="cupy")
             get_backend("cupy").kernel("causal_scan_reversed")(q, k, v, gate, None, None)
             causal_scan_vjp(q, k, v, do, gk=gate, backend="cupy")
+    q, k, v = (normal(1, 2, 150, 256, dtype="float16") for _ in range(3))  # Dk = 256: one q tile, two groups
+    for gate in (None, -cp.abs(normal(1, 2, 150, 1, dtype="float16")) / 8):
+        causal_scan(q, k, v, gk=gate, backend="cupy")
     for dtype in ("float16", "float32"):
         q, v, do = normal(2, 2, 70, 64, dtype=dtype), normal(2, 1, 70, 100, dtype=dtype), normal(2, 2, 70, 100,
                                                                                                   dtype=dtype)

@@ -56,38 +56,52 @@ class _ChunkPlan:
 
     @property
     def shared_bytes(self) -> int:
-        return _shared_bytes(self.dkp, self.columns, self.groups)
+        """The block's shared memory (each kernel's plan type knows its own)."""
+        raise NotImplementedError
 
 
-def _shared_bytes(dkp: int, columns: int, groups: int) -> int:
-    """The kernel's shared memory: q, k, v tiles twice, the state (hi, lo), the output tile, gates.
+@dataclass(frozen=True)
+class _LinearPlan(_ChunkPlan):
+    """The linear kernel's tiling, with its q tiles in flight (1: ``Q_SINGLE``, for two groups at Dk = 256)."""
+
+    q_tiles: int = 2
+
+    @property
+    def shared_bytes(self) -> int:
+        return _shared_bytes(self.dkp, self.columns, self.groups, self.q_tiles)
+
+
+def _shared_bytes(dkp: int, columns: int, groups: int, q_tiles: int) -> int:
+    """The kernel's shared memory: ``q_tiles`` q tiles, two k and v tiles, the state (hi, lo), the output, gates.
 
     The gates: two chunks of log-gates (float32), and per warp the chunk's cumulative
     log-gates (float64) with their row, key and score decay factors (float32 each).
     """
     qk, vs = dkp + 8, columns + 8
-    elements = 4 * _CHUNK * qk + 2 * _CHUNK * vs + 2 * dkp * vs + _CHUNK * vs
+    elements = (q_tiles + 2) * _CHUNK * qk + 2 * _CHUNK * vs + 2 * dkp * vs + _CHUNK * vs
     warps = _GROUP_WARPS * groups
     return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4 + 4) * warps * _CHUNK + 4 * warps
 
 
 @functools.cache
-def _chunk_plan(dtype: str, Dk: int, Dv: int, shared_limit: int) -> _ChunkPlan | None:
+def _chunk_plan(dtype: str, Dk: int, Dv: int, shared_limit: int) -> _LinearPlan | None:
     """The kernel's tiling for these sizes, or None when it does not cover them.
 
     Two groups of warps share a block's q and k tiles when Dv has the columns for both
-    and the tiles fit in ``shared_limit`` bytes.
+    and the tiles fit in ``shared_limit`` bytes, with one q tile in flight where two do
+    not fit (Dk = 256: two groups, each its own 256-row state, hold twice the warps per
+    multiprocessor and read q and k half as often as one group of 32 columns would).
     """
     if dtype not in ("float16", "bfloat16") or Dk % 8 or Dv % 8 or Dk > _MAX_DK:
         return None
     dkp = 16 * math.ceil(Dk / 16)
     vb = min(64 if dkp <= 128 else 32, 16 * math.ceil(Dv / 16))
-    groups = 2 if Dv > vb and _shared_bytes(dkp, 2 * vb, 2) <= shared_limit else 1
     wm = warps_along_rows(dkp, vb)
     if wm is None:
         return None
-    plan = _ChunkPlan(dkp, vb, groups, wm)
-    return plan if plan.shared_bytes <= shared_limit else None
+    plans = [_LinearPlan(dkp, vb, 2, wm, q_tiles) for q_tiles in (2, 1) if Dv > vb]
+    plans.append(_LinearPlan(dkp, vb, 1, wm))
+    return next((plan for plan in plans if plan.shared_bytes <= shared_limit), None)
 
 
 def warps_along_rows(dkp: int, vb: int) -> int | None:
@@ -186,7 +200,8 @@ def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:
     P = math.ceil(T / L)
     o, oo = call.output(lead, T, Dv)
     defines = {"DKP": plan.dkp, "VB": plan.vb, "GROUPS": plan.groups, "WM": plan.wm,
-               "ELEM_HALF": int(call.dtype == "float16"), "GATED": int(go is not None), "SPLIT": int(SPLIT)}
+               "ELEM_HALF": int(call.dtype == "float16"), "GATED": int(go is not None), "SPLIT": int(SPLIT),
+               "Q_SINGLE": int(plan.q_tiles == 1)}
     run = call.launcher()
 
     def scan(write_o: bool, s_in: int, s_in_strides: list[int], segments: int) -> tuple[Any, int]:

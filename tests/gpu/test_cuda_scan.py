@@ -196,6 +196,39 @@ def test_tensor_core_time_segments_match_the_reference(cp: Any, tensor_core_call
 
 @pytest.mark.usefixtures("nan_memory")
 @pytest.mark.parametrize("gates", ["none", "step"])
+def test_tensor_core_single_q_tile_is_exact_deterministic_and_prefix_invariant(cp: Any, tensor_core_calls: list[bool],
+                                                                              gates: str) -> None:
+    """Dk = 256 with two groups of warps: one q tile in flight, refilled by the warps that read it.
+
+    T = 1000 (16 chunks, the last partial), four column blocks, GQA and an initial state:
+    the reference, two runs bitwise equal (a refill racing its readers would differ), and
+    a prefix run of whole chunks, bitwise equal to the long run's outputs there (each
+    chunk's work, float16's power-of-two scales included, depends only on earlier chunks).
+    """
+    from linattn.backends import _cuda_chunk
+
+    plan = _cuda_chunk._chunk_plan("float16", 256, 256, _cuda_chunk._shared_limit(cp.cuda.Device().id))
+    assert plan is not None and plan.groups == 2 and plan.q_tiles == 1
+    p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 1000, "Dk": 256, "Dv": 256, "gates": gates,
+         "regime": "mild", "initial": True, "dtype": "float16", "seed": 14}
+    host = _linear_inputs(p)
+    if host["gk"] is not None:
+        host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
+    dev = _to_device(cp, host, "float16")
+    first, second = (causal_scan(**dev, backend="cupy") for _ in range(2))
+    assert bool(cp.all(first[0] == second[0])) and bool(cp.all(first[1] == second[1]))
+    o_ref, s_ref = causal_scan(**host)
+    _check(first[0], o_ref, "float16", 1000 * 256, "outputs")
+    _check(first[1], s_ref, "float32", 1000 * 256, "final state")
+    P = 640  # ten whole chunks
+    o_prefix, _ = causal_scan(**{n: x if n == "initial_state" or x is None else x[..., :P, :] for n, x in dev.items()},
+                              backend="cupy")
+    assert bool(cp.all(o_prefix == first[0][..., :P, :]))
+    assert tensor_core_calls == [True] * 3
+
+
+@pytest.mark.usefixtures("nan_memory")
+@pytest.mark.parametrize("gates", ["none", "step"])
 def test_vjp_through_the_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: list[bool],
                                                                   gates: str) -> None:
     """The VJP's scans (role-swapped, on reversed views) on float16 data run on tensor cores.

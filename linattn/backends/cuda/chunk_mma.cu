@@ -14,6 +14,10 @@
 // for the update the group's state (DKP x VB, float32) is split into WM x (4/WM) tiles,
 // one per warp, held in the accumulator registers for the whole segment. Tiles of q, k
 // and v are copied into shared memory with cp.async one chunk ahead of the one computed.
+// With Q_SINGLE (Dk = 256, where two q tiles do not fit beside two groups' state) q has
+// one tile: the warps that read rows 16w .. 16w+15 (warp w of each group) copy the next
+// chunk's rows themselves once both are done with them (after O = Q S), so the copy
+// overlaps scores x V and the update.
 //
 // Precision: q, k and v enter the products as stored (exactly). The intermediates that
 // enter a product in the storage type — the decayed scores, the state, the decayed keys —
@@ -26,7 +30,7 @@
 // Compile-time parameters (-D): ELEM_HALF (float16, else bfloat16), DKP (keys padded to a
 // multiple of 16), VB (value columns per group of warps, a multiple of 16), GROUPS, WM (warps along the
 // state's rows in the update), GATED (a log-gate per step), HAS_SIN, WRITE_O (0: the
-// states only, for the first pass of the time-segmented scan), SPLIT.
+// states only, for the first pass of the time-segmented scan), SPLIT, Q_SINGLE.
 //
 // Strides are in elements; the last axis of every operand is contiguous, every row starts
 // on 16 bytes, and Dk, Dv are multiples of 8 (the launcher checks). A time stride may be
@@ -43,6 +47,7 @@
 #define NT (VB / 8 / WN)       // state column tiles (8) per warp
 #define ONT (VB / 8)           // output column tiles per warp
 #define SCALED ELEM_HALF       // float16: two-part values kept in range by powers of two
+#define QBUFS (2 - Q_SINGLE)   // q tiles in flight
 
 #include "mma_common.cuh"
 
@@ -55,8 +60,8 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
                   i64 gs0, i64 gs1, i64 gs2, i64 gts,
                   i64 ss0, i64 ss1, i64 ss2, i64 sseg, i64 srow, i64 scol) {
     extern __shared__ __align__(16) unsigned char smem[];
-    ELEM* sq = reinterpret_cast<ELEM*>(smem);              // [2][CH][QKS]  (two chunks in flight)
-    ELEM* sk = sq + 2 * CH * QKS;                           // [2][CH][QKS]
+    ELEM* sq = reinterpret_cast<ELEM*>(smem);              // [QBUFS][CH][QKS]
+    ELEM* sk = sq + QBUFS * CH * QKS;                       // [2][CH][QKS]  (two chunks in flight)
     ELEM* sv = sk + 2 * CH * QKS;                           // [2][CH][VS]
     ELEM* shi = sv + 2 * CH * VS;                           // [DKP][VS]  the entering state, hi part
     ELEM* slo = shi + DKP * VS;                             // [DKP][VS]  ... lo part
@@ -107,7 +112,7 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
             const int p = threadIdx.x + it * NTHREADS, r = p / ROW_PIECES, c = (p % ROW_PIECES) * 8;
             if (CH * ROW_PIECES % NTHREADS != 0 && p >= CH * ROW_PIECES) break;
             const bool ok = t0 + r < t_end && c < Dk;
-#if WRITE_O
+#if WRITE_O && !Q_SINGLE
             copy16(sq + (buf * CH + r) * QKS + c, qb + (ok ? (t0 + r) * qts + c : 0), ok);
 #endif
             copy16(sk + (buf * CH + r) * QKS + c, kb + (ok ? (t0 + r) * kts + c : 0), ok);
@@ -121,11 +126,27 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
         }
         copy_commit();
     };
+    // Q_SINGLE: chunk n's q rows 16 gw .. 16 gw + 15, copied by the GROUPS warps that read them.
+    [[maybe_unused]] auto load_q_rows = [&](int n) {
+        const i64 t0 = t_begin + (i64)n * CH + 16 * gw;
+        constexpr int ROW_PIECES = DKP / 8, READERS = 32 * GROUPS;
+        const int me = (warp >> 2) * 32 + lane;
+#pragma unroll
+        for (int it = 0; it < 16 * ROW_PIECES / READERS; ++it) {
+            const int p = me + it * READERS, r = p / ROW_PIECES, c = (p % ROW_PIECES) * 8;
+            const bool ok = t0 + r < t_end && c < Dk;
+            copy16(sq + (16 * gw + r) * QKS + c, qb + (ok ? (t0 + r) * qts + c : 0), ok);
+        }
+        copy_commit();
+    };
     [[maybe_unused]] auto load_gate = [&](int n) -> float {
         const i64 t = t_begin + (i64)n * CH + threadIdx.x;
         return threadIdx.x < CH && t < t_end ? to_f(gb[t * gts]) : 0.f;
     };
     [[maybe_unused]] float state_scale = 1.f;  // the shared state holds S * state_scale
+#if WRITE_O && Q_SINGLE
+    load_q_rows(0);
+#endif
     load_chunk(0, 0);
 #if GATED
     float g_next = load_gate(0);
@@ -148,7 +169,7 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
         copy_wait();
         __syncthreads();  // chunk n is in shared memory, and so is the state entering it
         if (n + 1 < n_chunks) load_chunk(n + 1, buf ^ 1);
-        [[maybe_unused]] const ELEM* qt = sq + buf * CH * QKS;
+        [[maybe_unused]] const ELEM* qt = sq + (QBUFS - 1) * buf * CH * QKS;
         const ELEM* kt = sk + buf * CH * QKS;
         const ELEM* vt = sv + buf * CH * VS;
 #if GATED
@@ -189,6 +210,13 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
 #endif
             }
         }
+#if Q_SINGLE
+        if (n + 1 < n_chunks) {  // both readers of these q rows are done with them: the next chunk's may come
+            if (GROUPS > 1) asm volatile("bar.sync %0, %1;" ::"r"(1 + gw), "r"(32 * GROUPS) : "memory");
+            else __syncwarp();
+            load_q_rows(n + 1);
+        }
+#endif
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float f = score_scale / state_scale;
