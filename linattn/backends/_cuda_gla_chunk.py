@@ -27,7 +27,7 @@ ENABLED = True
 
 _CHUNK = 64
 _MAX_DK = 128
-_PREPARE_THREADS = 256
+_PREPARE_THREADS = 512
 # (value columns per group of four warps, groups), widest first; of equal widths, two
 # groups first: eight warps per multiprocessor share the per-chunk gate work.
 _TILINGS = ((64, 2), (32, 2), (64, 1), (16, 2), (32, 1), (16, 1))
@@ -65,11 +65,11 @@ def _prepare_shared_bytes(dkp: int) -> int:
     """The preparation's shared memory: q, k, g as stored, the decayed queries and keys, P, gates.
 
     The decayed queries and keys (112 rows each) have two parts; P is float32 (64 × 68);
-    the gates: each 16-step block's log-decay per key (float64) and four flags; eight
-    maxima. e^{g} (float32) and the diagonal blocks' partial scores reuse the decayed
+    the gates: each 8-step half block's log-decay per key (float64) and four flags;
+    sixteen maxima. e^{g} (float32) and the diagonal blocks' partial scores reuse the decayed
     operands' space.
     """
-    return 2 * (3 * _CHUNK + 4 * 112) * (dkp + 8) + 4 * _CHUNK * (_CHUNK + 4) + 8 * 4 * dkp + 4 * 4 + 4 * 8
+    return 2 * (3 * _CHUNK + 4 * 112) * (dkp + 8) + 4 * _CHUNK * (_CHUNK + 4) + 8 * 8 * dkp + 4 * 4 + 4 * 16
 
 
 @functools.cache

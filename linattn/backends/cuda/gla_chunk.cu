@@ -68,7 +68,7 @@ __device__ __forceinline__ void split_pair(ELEM* hi, ELEM* lo, int at, float x, 
 }
 
 #ifdef PREPARE
-#define PTHREADS 256
+#define PTHREADS 512
 #define QROWS 112       // decayed queries: blocks 1-3 against block 0 (rows 0-47), 2-3 against 1 (48-79), 3 against 2
                         // (80-95); block 0 against itself (96-111)
 #define KROWS 112       // decayed keys: blocks 0-2 to their last step (rows 0-47), every block from its first (48-111)
@@ -88,8 +88,8 @@ __device__ __forceinline__ void split_pair(ELEM* hi, ELEM* lo, int at, float x, 
 // Row offset of the decayed queries of block c + 1 against column block c (rows 16 (c+1) .. 63).
 __device__ __forceinline__ int query_rows(int c) { return c == 0 ? 0 : (c == 1 ? 48 : 80); }
 
-// One block of eight warps per (chunk, leading index).
-extern "C" __global__ void __launch_bounds__(PTHREADS)
+// One block of sixteen warps per (chunk, leading index).
+extern "C" __global__ void __launch_bounds__(PTHREADS, 1)
 gla_chunk_prepare(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ g,
                   ELEM* __restrict__ p_hi, ELEM* __restrict__ p_lo, float* __restrict__ p_scale, i64 T, int Dk,
                   i64 n1, i64 n2, i64 qs0, i64 qs1, i64 qs2, i64 qts, i64 ks0, i64 ks1, i64 ks2, i64 kts,
@@ -103,9 +103,9 @@ gla_chunk_prepare(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
     ELEM* skh = sql + QROWS * QKS;               // [KROWS][QKS]  decayed keys, two parts
     ELEM* skl = skh + KROWS * QKS;
     float* sp = reinterpret_cast<float*>(skl + KROWS * QKS);  // [CH][FS]  P
-    double* sbeta = reinterpret_cast<double*>(sp + CH * FS);  // [4][DKP]  each block's log-decay per key
-    int* smild = reinterpret_cast<int*>(sbeta + 4 * DKP);     // [4]       whether a diagonal block is factored
-    [[maybe_unused]] float* sred = reinterpret_cast<float*>(smild + 4);  // [8] per-warp max |P|
+    double* shalf = reinterpret_cast<double*>(sp + CH * FS);  // [4][2][DKP] each half block's log-decay per key
+    int* smild = reinterpret_cast<int*>(shalf + 8 * DKP);     // [4]       whether a diagonal block is factored
+    [[maybe_unused]] float* sred = reinterpret_cast<float*>(smild + 4);  // [16] per-warp max |P|
     float* sa = reinterpret_cast<float*>(sqh);   // [CH][AS]      e^{g}, once the products are done
     float* sd = sa + CH * AS;                     // [8][16][DS]   the diagonal blocks' partial scores
 
@@ -122,41 +122,45 @@ gla_chunk_prepare(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
     copy_wait();
     __syncthreads();
 
-    // The decayed operands, keys (d, d+1) of block b by one thread: each block's log-decay
-    // β_b, then with Γ_i the log-decay from the block's first step to i (float64), the
-    // queries q_i e^{Γ_i} e^{β_{c+1} + ... + β_{b-1}} against each earlier block c, the keys
-    // k_j e^{β_b - Γ_j} to the block's last step, and the keys k_j e^{-Γ_j} of the diagonal.
-    const int d = 2 * (threadIdx.x % (DKP / 2)), b = threadIdx.x / (DKP / 2);
-    if (b < 4) {
+    // The decayed operands, keys (d, d+1) of half h (8 steps) of block b by one thread: each
+    // half block's log-decay, then with β_b block b's and Γ_i the log-decay from the block's
+    // first step to i (float64), the queries q_i e^{Γ_i} e^{β_{c+1} + ... + β_{b-1}} against
+    // each earlier block c, the keys k_j e^{β_b - Γ_j} to the block's last step, and the keys
+    // k_j e^{-Γ_j} of the diagonal. (Two threads per block and pair of keys: sixteen warps
+    // hide the latency of the exponentials and float64 sums that one thread chains.)
+    const int d = 2 * (threadIdx.x % (DKP / 2)), bh = threadIdx.x / (DKP / 2), b = bh & 3, h = bh >> 2;
+    const double* half_of = shalf + d;  // half_of[(2 c + h) DKP]: keys d, d+1 of half h of block c
+    if (bh < 8) {
         double s0 = 0.0, s1 = 0.0;
 #pragma unroll
-        for (int jj = 0; jj < 16; ++jj) {
+        for (int jj = 8 * h; jj < 8 * h + 8; ++jj) {
             const float2 gv = pair_at(sg, (16 * b + jj) * QKS + d);
             s0 += (double)gv.x;
             s1 += (double)gv.y;
         }
-        sbeta[b * DKP + d] = s0;
-        sbeta[b * DKP + d + 1] = s1;
+        shalf[(2 * b + h) * DKP + d] = s0;
+        shalf[(2 * b + h) * DKP + d + 1] = s1;
     }
     __syncthreads();
-    if (b < 4) {
+    if (bh < 8) {
         float F0[3], F1[3];  // e^{β_{c+1} + ... + β_{b-1}} for c < b
 #pragma unroll
         for (int c = 0; c < 3; ++c) {
             double e0 = 0.0, e1 = 0.0;
             for (int cc = c + 1; cc < b; ++cc) {
-                e0 += sbeta[cc * DKP + d];
-                e1 += sbeta[cc * DKP + d + 1];
+                e0 += half_of[2 * cc * DKP] + half_of[(2 * cc + 1) * DKP];
+                e1 += half_of[2 * cc * DKP + 1] + half_of[(2 * cc + 1) * DKP + 1];
             }
             F0[c] = expf((float)e0);
             F1[c] = expf((float)e1);
         }
-        const double beta0 = sbeta[b * DKP + d], beta1 = sbeta[b * DKP + d + 1];
+        const double beta0 = half_of[2 * b * DKP] + half_of[(2 * b + 1) * DKP];
+        const double beta1 = half_of[2 * b * DKP + 1] + half_of[(2 * b + 1) * DKP + 1];
         const float eb0 = expf((float)beta0), eb1 = expf((float)beta1);
-        double G0 = 0.0, G1 = 0.0;
+        double G0 = h ? half_of[2 * b * DKP] : 0.0, G1 = h ? half_of[2 * b * DKP + 1] : 0.0;
         bool mild = true;
 #pragma unroll 4
-        for (int jj = 0; jj < 16; ++jj) {
+        for (int jj = 8 * h; jj < 8 * h + 8; ++jj) {
             const int at = (16 * b + jj) * QKS + d;
             const float2 gv = pair_at(sg, at), qv = pair_at(sq, at), kv = pair_at(sk, at);
             G0 += (double)gv.x;
@@ -184,41 +188,37 @@ gla_chunk_prepare(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
     const bool all_mild = smild[0] && smild[1] && smild[2] && smild[3];
 
     // Warps 0-5 each take one of the six pairs (row block b, column block c < b) below the
-    // diagonal; warps 6 and 7 two factored diagonal blocks each (masked to j <= i). Three
-    // products of two parts each, into P.
-    {
-        const int pair = warp < 6 ? warp : 6 + 2 * (warp - 6);
-        for (int round = 0; round < (warp < 6 ? 1 : 2); ++round) {
-            const int diag = warp < 6 ? -1 : pair - 6 + round;  // the diagonal block, or -1
-            const int rb = diag >= 0 ? diag : (warp < 3 ? 3 : (warp < 5 ? 2 : 1));
-            const int cb = diag >= 0 ? diag : (warp < 3 ? warp : (warp < 5 ? warp - 3 : 0));
-            if (diag >= 0 && !smild[diag]) continue;
-            const int qrow = diag == 0 ? 96 : (diag > 0 ? query_rows(diag - 1) : query_rows(cb) + 16 * (rb - cb - 1));
-            const int krow = diag >= 0 ? 48 + 16 * diag : 16 * cb;
-            float acc[2][4] = {};
+    // diagonal; warps 6-9 one factored diagonal block each (masked to j <= i). Three products
+    // of two parts each, into P.
+    if (warp < 10 && (warp < 6 || smild[warp - 6])) {
+        const int diag = warp < 6 ? -1 : warp - 6;  // the diagonal block, or -1
+        const int rb = diag >= 0 ? diag : (warp < 3 ? 3 : (warp < 5 ? 2 : 1));
+        const int cb = diag >= 0 ? diag : (warp < 3 ? warp : (warp < 5 ? warp - 3 : 0));
+        const int qrow = diag == 0 ? 96 : (diag > 0 ? query_rows(diag - 1) : query_rows(cb) + 16 * (rb - cb - 1));
+        const int krow = diag >= 0 ? 48 + 16 * diag : 16 * cb;
+        float acc[2][4] = {};
 #pragma unroll
-            for (int kk = 0; kk < DKP / 16; ++kk) {
-                u32 ah[4], al[4], bh[4], bl[4];
-                const int a_off = (qrow + (lane & 15)) * QKS + kk * 16 + (lane >> 4) * 8;
-                const int b_off = (krow + (lane & 7) + (lane >> 4) * 8) * QKS + kk * 16 + ((lane >> 3) & 1) * 8;
-                ldsm(ah, sqh + a_off);
-                ldsm(al, sql + a_off);
-                ldsm(bh, skh + b_off);
-                ldsm(bl, skl + b_off);
-                mma16(acc[0], acc[1], ah, bh);
-                mma16(acc[0], acc[1], ah, bl);
-                mma16(acc[0], acc[1], al, bh);
-            }
-#pragma unroll
-            for (int t = 0; t < 2; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int ii = gid + (e >> 1) * 8, jj = 8 * t + 2 * tig + (e & 1);
-                    sp[(16 * rb + ii) * FS + 16 * cb + jj] = diag < 0 || jj <= ii ? acc[t][e] : 0.f;
-                }
+        for (int kk = 0; kk < DKP / 16; ++kk) {
+            u32 ah[4], al[4], bh[4], bl[4];
+            const int a_off = (qrow + (lane & 15)) * QKS + kk * 16 + (lane >> 4) * 8;
+            const int b_off = (krow + (lane & 7) + (lane >> 4) * 8) * QKS + kk * 16 + ((lane >> 3) & 1) * 8;
+            ldsm(ah, sqh + a_off);
+            ldsm(al, sql + a_off);
+            ldsm(bh, skh + b_off);
+            ldsm(bl, skl + b_off);
+            mma16(acc[0], acc[1], ah, bh);
+            mma16(acc[0], acc[1], ah, bl);
+            mma16(acc[0], acc[1], al, bh);
         }
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int ii = gid + (e >> 1) * 8, jj = 8 * t + 2 * tig + (e & 1);
+                sp[(16 * rb + ii) * FS + 16 * cb + jj] = diag < 0 || jj <= ii ? acc[t][e] : 0.f;
+            }
     }
-    // A diagonal block outside the factored form's range (strong or growing gates): warp w
+    // A diagonal block outside the factored form's range (strong or growing gates): warp w < 8
     // takes block b = w % 4 and the key groups (of 8) of slots 2 (w / 4) and 2 (w / 4) + 1;
     // lane (jj, slot) sums column j = 16 b + jj against every row i >= j of the block, with
     // the decay carried as the running product w_i = w_{i-1} e^{g_i} of factors <= 1.
@@ -231,7 +231,7 @@ gla_chunk_prepare(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
         }
         __syncthreads();
         const int b = warp & 3;
-        if (!smild[b]) {
+        if (warp < 8 && !smild[b]) {  // eight warps: two per block
             const int jj = lane & 15, slot = 2 * (warp >> 2) + (lane >> 4), j = 16 * b + jj;
             float acc[16];
 #pragma unroll
