@@ -121,6 +121,30 @@ def _long_problem(cp: Any, T: int, dtype: str = "float32", gates: str = "key") -
     return host, _to_device(cp, host, dtype)
 
 
+def _check_long_run(cp: Any, scan: Any, host: dict[str, Any], dev: dict[str, Any], prefix: int,
+                    bitwise_prefix: bool) -> None:
+    """A long float16 run of ``scan`` (causal_scan or delta_scan) through the kernels.
+
+    Two runs bitwise equal; the outputs and final state against the float64 reference
+    (n = T·Dk terms per output, as in ``_check``); and a run of the first ``prefix`` steps
+    against the long run's, bitwise where ``bitwise_prefix`` (a prefix of whole chunks),
+    else within the float16 tolerance.
+    """
+    first, second = (scan(**dev, backend="cupy") for _ in range(2))
+    assert bool(cp.all(first[0] == second[0])) and bool(cp.all(first[1] == second[1]))
+    o_ref, s_ref = scan(**host)
+    T, Dk = host["k"].shape[-2:]
+    _check(first[0], o_ref, "float16", T * Dk, "outputs of the long run")
+    _check(first[1], s_ref, "float32", T * Dk, "final state of the long run")
+    short = {n: x if n == "initial_state" or x is None else x[..., :prefix, :] for n, x in dev.items()}
+    o_prefix, _ = scan(**short, backend="cupy")
+    if bitwise_prefix:
+        assert bool(cp.all(o_prefix == first[0][..., :prefix, :]))
+    else:
+        _check(o_prefix, cp.asnumpy(first[0][..., :prefix, :]).astype(np.float64), "float16", prefix * Dk,
+               "prefix run vs long run")
+
+
 @st.composite
 def tensor_core_problems(draw: Any) -> dict[str, Any]:
     """The calls the tensor-core kernel covers: 16-bit data, no gate or a gate per step, Dk, Dv multiples of 16."""
@@ -214,16 +238,7 @@ def test_tensor_core_single_q_tile_is_exact_deterministic_and_prefix_invariant(c
     host = _linear_inputs(p)
     if host["gk"] is not None:
         host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
-    dev = _to_device(cp, host, "float16")
-    first, second = (causal_scan(**dev, backend="cupy") for _ in range(2))
-    assert bool(cp.all(first[0] == second[0])) and bool(cp.all(first[1] == second[1]))
-    o_ref, s_ref = causal_scan(**host)
-    _check(first[0], o_ref, "float16", 1000 * 256, "outputs")
-    _check(first[1], s_ref, "float32", 1000 * 256, "final state")
-    P = 640  # ten whole chunks
-    o_prefix, _ = causal_scan(**{n: x if n == "initial_state" or x is None else x[..., :P, :] for n, x in dev.items()},
-                              backend="cupy")
-    assert bool(cp.all(o_prefix == first[0][..., :P, :]))
+    _check_long_run(cp, causal_scan, host, _to_device(cp, host, "float16"), 640, bitwise_prefix=True)  # ten chunks
     assert tensor_core_calls == [True] * 3
 
 
@@ -420,19 +435,10 @@ def test_delta_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: An
                "initial": True, "dtype": "float16", "seed": 23}
     host = _delta_inputs(problem)
     host["g"] = host["g"] / 64  # a slow decay, so that early steps still matter at the end
-    dev = _to_device(cp, host, "float16")
-    first, second = (delta_scan(**dev, backend="cupy") for _ in range(2))
-    assert bool(cp.all(first[0] == second[0])) and bool(cp.all(first[1] == second[1]))
-    o_ref, s_ref = delta_scan(**host)
-    _check(first[0], o_ref, "float16", 2500 * 128, "outputs of the long run")
-    _check(first[1], s_ref, "float32", 2500 * 128, "final state of the long run")
-    P = 1234
-    o_prefix, _ = delta_scan(**{n: x if n == "initial_state" else x[..., :P, :] for n, x in dev.items()},
-                             backend="cupy")
-    # Not bitwise: float16's power-of-two scales follow the maxima of whole chunks, and the
-    # long run's last chunk of the prefix holds later steps too (the scaled values' low
-    # parts can round differently in float16's subnormal range).
-    _check(o_prefix, cp.asnumpy(first[0][..., :P, :]).astype(np.float64), "float16", P * 128, "prefix run vs long run")
+    # The prefix not bitwise: float16's power-of-two scales follow the maxima of whole
+    # chunks, and the long run's last chunk of the prefix holds later steps too (the scaled
+    # values' low parts can round differently in float16's subnormal range).
+    _check_long_run(cp, delta_scan, host, _to_device(cp, host, "float16"), 1234, bitwise_prefix=False)
     assert delta_tensor_core_calls == [True] * 3
 
 
@@ -518,17 +524,8 @@ def test_gla_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: Any,
          "regime": "mild", "initial": True, "dtype": "float16", "seed": 25}
     host = _linear_inputs(p)
     host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
-    dev = _to_device(cp, host, "float16")
-    first, second = (causal_scan(**dev, backend="cupy") for _ in range(2))
-    assert bool(cp.all(first[0] == second[0])) and bool(cp.all(first[1] == second[1]))
-    o_ref, s_ref = causal_scan(**host)
-    _check(first[0], o_ref, "float16", 2500 * 128, "outputs of the long run")
-    _check(first[1], s_ref, "float32", 2500 * 128, "final state of the long run")
-    P = 1234
-    o_prefix, _ = causal_scan(**{n: x if n == "initial_state" or x is None else x[..., :P, :] for n, x in dev.items()},
-                              backend="cupy")
-    # Not bitwise: float16's power-of-two scales follow the maxima of whole chunks.
-    _check(o_prefix, cp.asnumpy(first[0][..., :P, :]).astype(np.float64), "float16", P * 128, "prefix run vs long run")
+    # The prefix not bitwise: float16's power-of-two scales follow the maxima of whole chunks.
+    _check_long_run(cp, causal_scan, host, _to_device(cp, host, "float16"), 1234, bitwise_prefix=False)
     assert gla_tensor_core_calls == [True] * 3
 
 

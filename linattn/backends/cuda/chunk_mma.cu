@@ -342,8 +342,5 @@ chunk_linear_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
     }
 
     // The exit state: s_out[lead][segment][Dk][Dv].
-    float* sb = s_out + ((lead * gridDim.y + blockIdx.y) * Dk) * (i64)Dv;
-    for_each_state<MT, NT>(d_base, c0 + c_base, [&](int mt, int nt, int e, int d, int c) {
-        if (d < Dk && c < Dv) sb[(i64)d * Dv + c] = S[mt][nt][e];
-    });
+    store_state(S, s_out + ((lead * gridDim.y + blockIdx.y) * Dk) * (i64)Dv, d_base, c0 + c_base, Dk, Dv);
 }

@@ -481,9 +481,6 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
     }
 
     // The exit state: s_out[lead][Dk][Dv].
-    float* sb = s_out + lead * Dk * (i64)Dv;
-    for_each_state<MT, NT>(d_base, c0 + c_base, [&](int mt, int nt, int e, int d, int c) {
-        if (d < Dk && c < Dv) sb[(i64)d * Dv + c] = S[mt][nt][e];
-    });
+    store_state(S, s_out + lead * Dk * (i64)Dv, d_base, c0 + c_base, Dk, Dv);
 }
 #endif  // VB

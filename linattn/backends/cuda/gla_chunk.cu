@@ -129,7 +129,8 @@ gla_chunk_prepare(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
     // k_j e^{-Γ_j} of the diagonal. (Two threads per block and pair of keys: sixteen warps
     // hide the latency of the exponentials and float64 sums that one thread chains.)
     const int d = 2 * (threadIdx.x % (DKP / 2)), bh = threadIdx.x / (DKP / 2), b = bh & 3, h = bh >> 2;
-    const double* half_of = shalf + d;  // half_of[(2 c + h) DKP]: keys d, d+1 of half h of block c
+    // Block c's log-decay of key d + x (x = 0, 1): the sum of its two halves'.
+    auto block_log_decay = [&](int c, int x) { return shalf[2 * c * DKP + d + x] + shalf[(2 * c + 1) * DKP + d + x]; };
     if (bh < 8) {
         double s0 = 0.0, s1 = 0.0;
 #pragma unroll
@@ -148,16 +149,15 @@ gla_chunk_prepare(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
         for (int c = 0; c < 3; ++c) {
             double e0 = 0.0, e1 = 0.0;
             for (int cc = c + 1; cc < b; ++cc) {
-                e0 += half_of[2 * cc * DKP] + half_of[(2 * cc + 1) * DKP];
-                e1 += half_of[2 * cc * DKP + 1] + half_of[(2 * cc + 1) * DKP + 1];
+                e0 += block_log_decay(cc, 0);
+                e1 += block_log_decay(cc, 1);
             }
             F0[c] = expf((float)e0);
             F1[c] = expf((float)e1);
         }
-        const double beta0 = half_of[2 * b * DKP] + half_of[(2 * b + 1) * DKP];
-        const double beta1 = half_of[2 * b * DKP + 1] + half_of[(2 * b + 1) * DKP + 1];
+        const double beta0 = block_log_decay(b, 0), beta1 = block_log_decay(b, 1);
         const float eb0 = expf((float)beta0), eb1 = expf((float)beta1);
-        double G0 = h ? half_of[2 * b * DKP] : 0.0, G1 = h ? half_of[2 * b * DKP + 1] : 0.0;
+        double G0 = h ? shalf[2 * b * DKP + d] : 0.0, G1 = h ? shalf[2 * b * DKP + d + 1] : 0.0;  // the first half's
         bool mild = true;
 #pragma unroll 4
         for (int jj = 8 * h; jj < 8 * h + 8; ++jj) {
@@ -548,9 +548,6 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
     }
 
     // The exit state: s_out[lead][Dk][Dv].
-    float* sb = s_out + lead * Dk * (i64)Dv;
-    for_each_state<MT, NT>(d_base, c0 + c_base, [&](int mt, int nt, int e, int d, int c) {
-        if (d < Dk && c < Dv) sb[(i64)d * Dv + c] = S[mt][nt][e];
-    });
+    store_state(S, s_out + lead * Dk * (i64)Dv, d_base, c0 + c_base, Dk, Dv);
 }
 #endif  // VB

@@ -155,6 +155,15 @@ __device__ __forceinline__ void for_each_state(int d0, int c0, F f) {
             for (int e = 0; e < 4; ++e) f(mt, nt, e, d0 + mt * 16 + gid + (e >> 1) * 8, c0 + nt * 8 + 2 * tig + (e & 1));
 }
 
+// The warp's state tile into a row-major (Dk x Dv) float32 state at `out`, rows from d0 and
+// columns from c0 (within Dk x Dv only).
+template <int TM, int TN>
+__device__ __forceinline__ void store_state(const float (&S)[TM][TN][4], float* out, int d0, int c0, int Dk, int Dv) {
+    for_each_state<TM, TN>(d0, c0, [&](int mt, int nt, int e, int d, int c) {
+        if (d < Dk && c < Dv) out[(i64)d * Dv + c] = S[mt][nt][e];
+    });
+}
+
 template <int TM, int TN>
 __device__ __forceinline__ void scale_state(float (&S)[TM][TN][4], float f) {
     for_each_state<TM, TN>(0, 0, [&](int mt, int nt, int e, int, int) { S[mt][nt][e] *= f; });
