@@ -21,6 +21,7 @@ from linattn.backends import _cuda_scan as cs
 KERNELS = {
     "scan.cu": ["linear_scan", "delta_scan"],
     "chunk_mma.cu": ["chunk_linear_scan"],
+    "chunk_wgmma.cu": ["chunk_linear_scan_wg"],
     "delta_chunk.cu": ["delta_chunk_prepare", "delta_chunk_scan"],
     "gla_chunk.cu": ["gla_chunk_prepare", "gla_chunk_scan"],
     "segments.cu": ["segment_log_decay", "segment_prefix"],
@@ -39,8 +40,9 @@ def test_sources_ship_with_their_headers_inlined(name: str) -> None:
 def test_the_shared_header_is_inlined_where_it_is_used() -> None:
     for name in ("scan.cu", "delta_grad.cu"):
         assert "#define GEOMETRY_SETUP" in cl._source(name) and "#define LOAD_STATE" in cl._source(name)
-    for name in ("chunk_mma.cu", "delta_chunk.cu"):
+    for name in ("chunk_mma.cu", "chunk_wgmma.cu", "delta_chunk.cu"):
         assert "__device__ __forceinline__ bool chunk_decays(" in cl._source(name)
+    assert "__device__ __forceinline__ u64 tile_descriptor(" in cl._source("chunk_wgmma.cu")
     assert "__device__ __forceinline__ void share_state(" in cl._source("gla_chunk.cu")
 
 
@@ -74,6 +76,31 @@ def test_linear_tensor_core_plans_fit_and_share_q_and_k_where_they_can() -> None
         two_q_tiles = dataclasses.replace(plan, q_tiles=2)
         assert plan.q_tiles == (2 if two_q_tiles.shared_bytes <= limit else 1), (Dk, Dv, plan)
     assert cc._chunk_plan("bfloat16", 256, 256, limit).q_tiles == 1  # FLA's D = 256 benchmark shape
+
+
+def test_warpgroup_plans_fit_and_cover_what_they_should(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wgmma kernel's plan on an H100: 16-bit data with Dk <= 128, two warpgroups when Dv > 64, fitting.
+
+    Everything else (float32, Dk > 128, another GPU generation) is left to the mma.sync plan.
+    """
+    from linattn.backends import _cuda_chunk as cc
+
+    limit = 227 * 1024
+    monkeypatch.setattr(cc, "_shared_limit", lambda device: limit)
+    monkeypatch.setattr(cl, "compute_capability", lambda device: "90")
+    for dtype, Dk, Dv, gated in itertools.product(["float16", "bfloat16"], range(8, 257, 8), range(8, 257, 8),
+                                                  [False, True]):
+        plan = cc._warpgroup_plan(dtype, Dk, Dv, gated, 0)
+        if Dk > 128:
+            assert plan is None and cc.linear_plan(dtype, Dk, Dv, gated, 0) == cc._chunk_plan(dtype, Dk, Dv, limit)
+            continue
+        assert plan is not None and plan.shared_bytes <= limit, (Dk, Dv, gated, plan)
+        assert plan.dkp == 64 * -(-Dk // 64) and plan.groups == (2 if Dv > 64 else 1) and plan.gated == gated
+        assert cc.linear_plan(dtype, Dk, Dv, gated, 0) == plan
+    assert cc._warpgroup_plan("float32", 64, 64, False, 0) is None
+    monkeypatch.setattr(cl, "compute_capability", lambda device: "80")  # sm_90a code runs on 9.0 alone
+    assert cc._warpgroup_plan("bfloat16", 64, 64, False, 0) is None
+    assert isinstance(cc.linear_plan("bfloat16", 64, 64, False, 0), cc._LinearPlan)
 
 
 @pytest.mark.parametrize("module", ["_cuda_delta_chunk", "_cuda_gla_chunk"])

@@ -4,10 +4,11 @@ Run on the GPU machine (PyTorch, Triton; FLA optional)::
 
     PYTHONPATH=. python docs/scripts/gpu_kernel_variants.py [--shapes 1x8192x96x128 ...] [--ops delta ...]
 
-Variants: the tensor-core chunked kernels with float32-accurate intermediates ("tc",
-the default), the linear scan's with intermediates rounded once to the storage type
-("tc-round", as FLA does; linear and simple_gla only), and the CUDA-core recurrent
-kernels ("cuda-core"). For each shape and op (linear, simple_gla, gla, delta, gated_delta)
+Variants: the tensor-core chunked kernels with float32-accurate intermediates, the linear
+scan's on Hopper's warpgroup products ("wg", the default where the GPU has them) or on
+mma.sync ("tc"); the linear scan's with intermediates rounded once to the storage type
+("wg-round", "tc-round", as FLA does; linear and simple_gla only); and the CUDA-core
+recurrent kernels ("cuda-core"). For each shape and op (linear, simple_gla, gla, delta, gated_delta)
 it prints the relative error of every variant against a float64 reference (on the GPU)
 and the median time of each variant and of FLA's chunk kernel, with the copy-bandwidth
 floor. Kernel development notes go in docs/gpu.rst.
@@ -27,10 +28,13 @@ from linattn.backends import _cuda_chunk, _cuda_delta_chunk, _cuda_gla_chunk
 from linattn.delta_scan import delta_scan
 from linattn.scan import causal_scan
 
+_OTHERS_ON = {(_cuda_delta_chunk, "ENABLED"): True, (_cuda_gla_chunk, "ENABLED"): True}
 VARIANTS = {
-    "tc": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "SPLIT"): True, (_cuda_delta_chunk, "ENABLED"): True,
-           (_cuda_gla_chunk, "ENABLED"): True},
-    "tc-round": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "SPLIT"): False},
+    "wg": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "WGMMA"): True, (_cuda_chunk, "SPLIT"): True, **_OTHERS_ON},
+    "tc": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "WGMMA"): False, (_cuda_chunk, "SPLIT"): True,
+           **_OTHERS_ON},
+    "wg-round": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "WGMMA"): True, (_cuda_chunk, "SPLIT"): False},
+    "tc-round": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "WGMMA"): False, (_cuda_chunk, "SPLIT"): False},
     "cuda-core": {(_cuda_chunk, "ENABLED"): False, (_cuda_delta_chunk, "ENABLED"): False,
                   (_cuda_gla_chunk, "ENABLED"): False},
 }
@@ -114,7 +118,7 @@ def measure(shape: tuple[int, int, int, int], dname: str, variants: list[str], o
         ref = reference(op, x)
         call = call_of(op, x)
         for name in variants:
-            if op in KERNEL_REFERENCE_OPS and name == "tc-round":
+            if op in KERNEL_REFERENCE_OPS and name.endswith("-round"):
                 continue
             with variant(name):
                 err = rel_error(call()[0], ref)
@@ -123,7 +127,7 @@ def measure(shape: tuple[int, int, int, int], dname: str, variants: list[str], o
                   flush=True)
         del ref
         if profile:
-            with variant("tc"):
+            with variant("wg"):
                 kernel_times(call)
         if with_fla:
             try:

@@ -6,7 +6,8 @@ Run on the GPU machine::
     compute-sanitizer --tool memcheck python3 docs/scripts/gpu_sanitize.py
 
 Covers the forward scans (tensor-core and CUDA-core, with and without gates, per step and
-per key, in three passes where T is long; Dk = 256 with one q tile), the reversed scans of
+per key, in three passes where T is long; the linear scan's on warpgroup products where the
+GPU has them and on mma.sync; Dk = 256 with one q tile), the reversed scans of
 the gradients, the delta rule and its gradient kernels (β per step and per value, gates,
 states), on the tensor cores and the CUDA cores. Sizes are small so that the instrumented
 run takes seconds; the results are checked elsewhere (tests/gpu).
@@ -17,7 +18,7 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
-from linattn.backends import get_backend
+from linattn.backends import _cuda_chunk, get_backend
 from linattn.delta_grad import delta_scan_vjp
 from linattn.delta_scan import delta_scan
 from linattn.scan import causal_scan, causal_scan_vjp
@@ -26,14 +27,21 @@ from linattn.scan import causal_scan, causal_scan_vjp
 def main() -> None:
     rng = np.random.default_rng(0)
     normal = lambda *s, dtype="float32": cp.asarray(rng.standard_normal(s), dtype=dtype)  # noqa: E731
-    for dtype, T in (("float16", 150), ("float32", 150), ("float16", 2100)):
-        q, k, v, do = (normal(2, 2, T, 64, dtype=dtype) for _ in range(4))
-        g = -cp.abs(normal(2, 2, T, 1, dtype=dtype)) / 8
-        gk = -cp.abs(normal(2, 2, T, 64, dtype=dtype)) / 8
-        for gate in (None, g, gk):
+    for wgmma in (True, False):  # the linear scan's two tensor-core kernels (wgmma: Hopper only)
+        _cuda_chunk.WGMMA = wgmma
+        for dtype, T in (("float16", 150), ("float32", 150), ("float16", 2100)):
+            q, k, v, do = (normal(2, 2, T, 64, dtype=dtype) for _ in range(4))
+            g = -cp.abs(normal(2, 2, T, 1, dtype=dtype)) / 8
+            gk = -cp.abs(normal(2, 2, T, 64, dtype=dtype)) / 8
+            for gate in (None, g, gk):
+                causal_scan(q, k, v, gk=gate, backend="cupy")
+                get_backend("cupy").kernel("causal_scan_reversed")(q, k, v, gate, None, None)
+                causal_scan_vjp(q, k, v, do, gk=gate, backend="cupy")
+        q, k, v = normal(1, 2, 150, 96, dtype="float16"), normal(1, 2, 150, 96, dtype="float16"), normal(
+            1, 2, 150, 192, dtype="float16")  # padded keys, two warpgroups, a partial column tile
+        for gate in (None, -cp.abs(normal(1, 2, 150, 1, dtype="float16")) / 8):
             causal_scan(q, k, v, gk=gate, backend="cupy")
-            get_backend("cupy").kernel("causal_scan_reversed")(q, k, v, gate, None, None)
-            causal_scan_vjp(q, k, v, do, gk=gate, backend="cupy")
+    _cuda_chunk.WGMMA = True
     q, k, v = (normal(1, 2, 150, 256, dtype="float16") for _ in range(3))  # Dk = 256: one q tile, two groups
     for gate in (None, -cp.abs(normal(1, 2, 150, 1, dtype="float16")) / 8):
         causal_scan(q, k, v, gk=gate, backend="cupy")

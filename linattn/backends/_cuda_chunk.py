@@ -1,10 +1,12 @@
-"""Launcher for the tensor-core chunked linear scan in ``cuda/chunk_mma.cu``.
+"""Launcher for the tensor-core chunked linear scan in ``cuda/chunk_wgmma.cu`` and ``cuda/chunk_mma.cu``.
 
 It covers what the causal linear scan's kernels see most: float16 or bfloat16 data, no
 gate or one log-gate per step (linear attention, simple GLA, RetNet, Mamba-2), Dk and Dv
 multiples of 8 up to 256 for Dk, and operands whose rows start on 16 bytes. Anything else
 is declined (None) and :func:`linattn.backends._cuda_scan.linear_scan` runs its CUDA-core
-kernel instead.
+kernel instead. On Hopper GPUs (compute capability 9.0) the kernel on warpgroup products
+(wgmma) runs where Dk <= 128; elsewhere, and at larger Dk, the one on mma.sync. Both
+compute the same arithmetic (two-part intermediates, float32 accumulation).
 
 Work split: a block of one or two groups of four warps per (leading index, tile of
 value columns, time segment) walks its segment in chunks of 64 steps; the groups share
@@ -25,9 +27,11 @@ from typing import Any
 from linattn.backends import _cuda_launch as cl
 from linattn.backends import _cuda_scan as cs
 
-# Tests and benchmarks switch these: the tensor-core kernel at all, and the two-part
-# (hi + lo) intermediates that make its products float32-accurate.
+# Tests and benchmarks switch these: the tensor-core kernel at all, Hopper's warpgroup
+# kernel (``cuda/chunk_wgmma.cu``) where it applies, and the two-part (hi + lo)
+# intermediates that make the products float32-accurate.
 ENABLED = True
+WGMMA = True
 SPLIT = True
 
 _CHUNK = 64
@@ -102,6 +106,54 @@ def _chunk_plan(dtype: str, Dk: int, Dv: int, shared_limit: int) -> _LinearPlan 
     plans = [_LinearPlan(dkp, vb, 2, wm, q_tiles) for q_tiles in (2, 1) if Dv > vb]
     plans.append(_LinearPlan(dkp, vb, 1, wm))
     return next((plan for plan in plans if plan.shared_bytes <= shared_limit), None)
+
+
+@dataclass(frozen=True)
+class _WarpgroupPlan:
+    """The warpgroup kernel's tiling: keys padded to 64, warpgroups of 64 value columns, a gate or not."""
+
+    dkp: int
+    groups: int
+    gated: bool
+
+    @property
+    def columns(self) -> int:
+        return 64 * self.groups
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.groups
+
+    @property
+    def shared_bytes(self) -> int:
+        """Swizzled 64 x 64 tiles (8 KB each, from 1 KB slack for their alignment), output staging, gates.
+
+        Tiles: two chunks of q and of k (``dkp / 64`` tiles each), two of v and the state
+        (hi, lo) per warpgroup, and with a gate the decayed values (hi, lo) per warpgroup.
+        """
+        blocks, warps = self.dkp // 64, 4 * self.groups
+        tiles = 4 * blocks + 2 * self.groups + 2 * blocks * self.groups + (2 * self.groups if self.gated else 0)
+        staging = warps * 16 * (64 + 8) * 2
+        return 1024 + 8192 * tiles + staging + 4 * 2 * _CHUNK + (8 + 4 + 4 + 4) * warps * _CHUNK + 4 * warps
+
+
+def _warpgroup_plan(dtype: str, Dk: int, Dv: int, gated: bool, device: int) -> _WarpgroupPlan | None:
+    """The warpgroup kernel's tiling on a Hopper GPU (compute capability 9.0), or None.
+
+    It covers float16 and bfloat16 with Dk <= 128; two warpgroups share a block's q and k
+    tiles when Dv has more than 64 columns.
+    """
+    if not WGMMA or cl.compute_capability(device) != "90":
+        return None
+    if dtype not in ("float16", "bfloat16") or Dk > 128 or Dk % 8 or Dv % 8:
+        return None
+    plan = _WarpgroupPlan(64 * math.ceil(Dk / 64), 2 if Dv > 64 else 1, gated)
+    return plan if plan.shared_bytes <= _shared_limit(device) else None
+
+
+def linear_plan(dtype: str, Dk: int, Dv: int, gated: bool, device: int) -> _WarpgroupPlan | _LinearPlan | None:
+    """The plan a call runs: the warpgroup kernel's where it applies, else the mma.sync kernel's, or None."""
+    return _warpgroup_plan(dtype, Dk, Dv, gated, device) or _chunk_plan(dtype, Dk, Dv, _shared_limit(device))
 
 
 def warps_along_rows(dkp: int, vb: int) -> int | None:
@@ -182,7 +234,7 @@ def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:
     if not ENABLED or gvr is not None or (gr is not None and gr.shape[-1] != 1):
         return None
     T, Dk, Dv = qr.shape[-2], qr.shape[-1], vr.shape[-1]
-    plan = _chunk_plan(call.dtype, Dk, Dv, _shared_limit(call.device))
+    plan = linear_plan(call.dtype, Dk, Dv, gr is not None, call.device)
     present = [r for r in call.refs if r is not None]
     lead = cs.broadcast_lead(tuple(r.shape for r in present)) if all(len(r.shape) >= 2 for r in present) else None
     if plan is None or T == 0 or lead is None or len(lead) > 3:
@@ -199,9 +251,13 @@ def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:
     L = _CHUNK * math.ceil(math.ceil(T / P) / _CHUNK)
     P = math.ceil(T / L)
     o, oo = call.output(lead, T, Dv)
-    defines = {"DKP": plan.dkp, "VB": plan.vb, "GROUPS": plan.groups, "WM": plan.wm,
-               "ELEM_HALF": int(call.dtype == "float16"), "GATED": int(go is not None), "SPLIT": int(SPLIT),
-               "Q_SINGLE": int(plan.q_tiles == 1)}
+    defines = {"DKP": plan.dkp, "GROUPS": plan.groups, "ELEM_HALF": int(call.dtype == "float16"),
+               "GATED": int(go is not None), "SPLIT": int(SPLIT)}
+    if isinstance(plan, _WarpgroupPlan):
+        source, kernel = "chunk_wgmma.cu", "chunk_linear_scan_wg"
+    else:
+        source, kernel = "chunk_mma.cu", "chunk_linear_scan"
+        defines |= {"VB": plan.vb, "WM": plan.wm, "Q_SINGLE": int(plan.q_tiles == 1)}
     run = call.launcher()
 
     def scan(write_o: bool, s_in: int, s_in_strides: list[int], segments: int) -> tuple[Any, int]:
@@ -209,7 +265,7 @@ def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:
         args = [qo.ptr, ko.ptr, vo.ptr, (go or qo).ptr, s_in or s_out_ptr, oo.ptr, s_out_ptr,
                 T, Dk, Dv, lead3[1], lead3[2], L if segments > 1 else T, col_blocks,
                 *qo.strides, *ko.strides, *vo.strides, *oo.strides, *cs._strides(go), *s_in_strides]
-        run("chunk_mma.cu", "chunk_linear_scan", {**defines, "HAS_SIN": int(s_in != 0), "WRITE_O": int(write_o)},
+        run(source, kernel, {**defines, "HAS_SIN": int(s_in != 0), "WRITE_O": int(write_o)},
             (n_lead * col_blocks, segments, 1), plan.threads, args, plan.shared_bytes)
         return s_out, s_out_ptr
 

@@ -62,10 +62,15 @@ def _source(name: str) -> str:
     return re.sub(r'^#include "([\w.]+)"$', lambda m: _source(m.group(1)), text, flags=re.MULTILINE)
 
 
+# Sources built for one architecture's own instructions (wgmma: Hopper, sm_90a). NVRTC
+# takes this target over the -arch=sm_XX that CuPy adds for the current device.
+_TARGETS = {"chunk_wgmma.cu": ("-arch=sm_90a",)}
+
+
 @functools.cache
 def module(source: str, defines: tuple[tuple[str, Any], ...]) -> Any:
     """The compiled ``cuda/<source>`` with these ``-D`` defines (compiled once, on first use)."""
-    options = ("-std=c++17", *(f"-D{name}={value}" for name, value in defines))
+    options = ("-std=c++17", *_TARGETS.get(source, ()), *(f"-D{name}={value}" for name, value in defines))
     return cupy().RawModule(code=_source(source), options=options)
 
 
@@ -83,6 +88,12 @@ def function(source: str, name: str, defines: tuple[tuple[str, Any], ...], share
 def device_attribute(device: int, name: str) -> int:
     """A CUDA device attribute, e.g. ``"MultiProcessorCount"``."""
     return int(cupy().cuda.Device(device).attributes[name])
+
+
+@functools.cache
+def compute_capability(device: int) -> str:
+    """The device's compute capability as CuPy writes it: "90" for Hopper (H100, H200)."""
+    return str(cupy().cuda.Device(device).compute_capability)
 
 
 @dataclass(frozen=True, slots=True)

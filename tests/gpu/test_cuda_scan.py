@@ -188,7 +188,23 @@ def delta_tensor_core_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return _record_calls(monkeypatch, _cuda_delta_chunk, "chunked_delta_scan")
 
 
-@pytest.mark.usefixtures("nan_memory")
+@pytest.fixture(params=["wgmma", "mma.sync"])
+def linear_kernel(request: pytest.FixtureRequest, cp: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The linear scan's tensor-core kernel under test: on warpgroup products (Hopper only) or on mma.sync.
+
+    On a Hopper GPU the library runs the first where it applies (Dk <= 128) and the second
+    elsewhere; "mma.sync" switches the first off, so both are tested on the same GPU.
+    """
+    from linattn.backends import _cuda_chunk
+    from linattn.backends import _cuda_launch as cl
+
+    if request.param == "wgmma" and cl.compute_capability(cp.cuda.Device().id) != "90":
+        pytest.skip("warpgroup products (wgmma) need a Hopper GPU (compute capability 9.0)")
+    monkeypatch.setattr(_cuda_chunk, "WGMMA", request.param == "wgmma")
+    return request.param
+
+
+@pytest.mark.usefixtures("nan_memory", "linear_kernel")
 @GPU_SETTINGS
 @given(tensor_core_problems())
 def test_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: list[bool],
@@ -203,13 +219,13 @@ def test_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: li
     _check(s, s_ref, "float32", n, f"final state of {problem}")
 
 
-@pytest.mark.usefixtures("nan_memory")
+@pytest.mark.usefixtures("nan_memory", "linear_kernel")
 @pytest.mark.parametrize("gates", ["none", "step"])
 def test_tensor_core_time_segments_match_the_reference(cp: Any, tensor_core_calls: list[bool], gates: str) -> None:
     host, dev = _long_problem(cp, 3001, "float16", gates)
     from linattn.backends import _cuda_chunk
 
-    plan = _cuda_chunk._chunk_plan("float16", 64, 64, _cuda_chunk._shared_limit(cp.cuda.Device().id))
+    plan = _cuda_chunk.linear_plan("float16", 64, 64, gates == "step", cp.cuda.Device().id)
     assert plan is not None and _cuda_chunk._segments(1, 3001, plan, cp.cuda.Device().id) > 1  # three passes
     o_ref, s_ref = causal_scan(**host)
     o, s = causal_scan(**dev, backend="cupy")
@@ -243,6 +259,35 @@ def test_tensor_core_single_q_tile_is_exact_deterministic_and_prefix_invariant(c
 
 
 @pytest.mark.usefixtures("nan_memory")
+@pytest.mark.parametrize("gates", ["none", "step"])
+def test_warpgroup_kernel_is_exact_deterministic_and_prefix_invariant(cp: Any, tensor_core_calls: list[bool],
+                                                                      gates: str) -> None:
+    """The warpgroup kernel with padded keys (Dk = 96 of 128) and a partial column tile (Dv = 192).
+
+    Two warpgroups share each block's q and k tiles; the second column block has 64 of
+    its 128 columns. T = 1000 (16 chunks, the last partial), GQA and an initial state: the
+    reference, two runs bitwise equal (a product reading a tile before its copy or its
+    writes landed would differ), and a prefix run of whole chunks, bitwise equal to the
+    long run's outputs there.
+    """
+    from linattn.backends import _cuda_chunk
+    from linattn.backends import _cuda_launch as cl
+
+    device = cp.cuda.Device().id
+    if cl.compute_capability(device) != "90":
+        pytest.skip("warpgroup products (wgmma) need a Hopper GPU (compute capability 9.0)")
+    plan = _cuda_chunk.linear_plan("float16", 96, 192, gates == "step", device)
+    assert isinstance(plan, _cuda_chunk._WarpgroupPlan) and plan.dkp == 128 and plan.groups == 2
+    p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 1000, "Dk": 96, "Dv": 192, "gates": gates,
+         "regime": "mild", "initial": True, "dtype": "float16", "seed": 15}
+    host = _linear_inputs(p)
+    if host["gk"] is not None:
+        host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
+    _check_long_run(cp, causal_scan, host, _to_device(cp, host, "float16"), 640, bitwise_prefix=True)  # ten chunks
+    assert tensor_core_calls == [True] * 3
+
+
+@pytest.mark.usefixtures("nan_memory", "linear_kernel")
 @pytest.mark.parametrize("gates", ["none", "step"])
 def test_vjp_through_the_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: list[bool],
                                                                   gates: str) -> None:
@@ -674,6 +719,7 @@ def test_prefix_outputs_do_not_depend_on_later_steps(cp: Any) -> None:
     _check(o_prefix, cp.asnumpy(o_full[..., :P, :]).astype(np.float64), "float32", P * 64, "prefix run vs long run")
 
 
+@pytest.mark.usefixtures("linear_kernel")
 def test_bfloat16_torch_tensors_round_trip_without_float32_copies(cp: Any) -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -238,6 +238,52 @@ __device__ __forceinline__ bool chunk_decays(const float* gates, int first_row, 
 }
 #endif
 
+// The warp's scores q_i . k_j (rows from 16 gw, columns 8t .. 8t+7 in sc[t]) masked to
+// j <= i and, with a gate, decayed by e^{G_i - G_j} (below the diagonal block by the factors
+// C where `factored`, see chunk_decays; a warp-uniform branch, so each path runs alone). The
+// tiles past the diagonal block are skipped, or with ZERO_ABOVE set to zero.
+template <bool ZERO_ABOVE>
+__device__ __forceinline__ void mask_scores(float (&sc)[8][4], int gw, [[maybe_unused]] const double* G,
+                                            [[maybe_unused]] const float* C, [[maybe_unused]] bool factored) {
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3, row0 = gw * 16;
+    auto row = [&](int e) { return row0 + gid + (e >> 1) * 8; };
+    auto col = [&](int t, int e) { return t * 8 + 2 * tig + (e & 1); };
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        if (t / 2 > gw) {
+            if (ZERO_ABOVE)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sc[t][e] = 0.f;
+        } else if (t / 2 == gw) {  // the diagonal block: j <= i only
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = row(e), j = col(t, e);
+                float x = j <= i ? sc[t][e] : 0.f;
+#if GATED
+                if (j <= i) x *= expf((float)(G[i] - G[j]));
+#endif
+                sc[t][e] = x;
+            }
+        }
+    }
+#if GATED
+    if (factored) {  // below the diagonal block (j < i)
+        const float row_factor[2] = {C[row0 + gid], C[row0 + gid + 8]};
+#pragma unroll
+        for (int t = 0; t < 8; ++t)
+            if (t / 2 < gw)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sc[t][e] *= row_factor[e >> 1] * C[col(t, e)];
+    } else {
+#pragma unroll
+        for (int t = 0; t < 8; ++t)
+            if (t / 2 < gw)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sc[t][e] *= expf((float)(G[row(e)] - G[col(t, e)]));
+    }
+#endif
+}
+
 // Scores of the warp's 16 rows (from `row0 = 16 gw`) against the chunk's columns j <= i:
 // sc[t] holds columns 8t .. 8t+7, (q_i . k_j) e^{G_i - G_j} (without a gate, q_i . k_j),
 // masked to j <= i; the tiles past the diagonal block are never computed and hold zeros.
@@ -245,7 +291,7 @@ __device__ __forceinline__ bool chunk_decays(const float* gates, int first_row, 
 __device__ __forceinline__ void causal_scores(float (&sc)[8][4], const ELEM* qt, const ELEM* kt, int gw,
                                               [[maybe_unused]] const double* G, [[maybe_unused]] const float* C,
                                               [[maybe_unused]] bool factored) {
-    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3, row0 = gw * 16;
+    const int lane = threadIdx.x & 31, row0 = gw * 16;
 #pragma unroll
     for (int t = 0; t < 8; ++t)
 #pragma unroll
@@ -263,28 +309,7 @@ __device__ __forceinline__ void causal_scores(float (&sc)[8][4], const ELEM* qt,
             }
         }
     }
-#if GATED
-    const float row_factor[2] = {factored ? C[row0 + gid] : 1.f, factored ? C[row0 + gid + 8] : 1.f};
-#endif
-#pragma unroll
-    for (int t = 0; t < 8; ++t) {
-        if (t / 2 > gw) continue;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int i = row0 + gid + (e >> 1) * 8, j = t * 8 + 2 * tig + (e & 1);
-            if (t / 2 < gw) {  // below the diagonal block: j < i
-#if GATED
-                sc[t][e] *= factored ? row_factor[e >> 1] * C[j] : expf((float)(G[i] - G[j]));
-#endif
-                continue;
-            }
-            float x = j <= i ? sc[t][e] : 0.f;
-#if GATED
-            if (j <= i) x *= expf((float)(G[i] - G[j]));
-#endif
-            sc[t][e] = x;
-        }
-    }
+    mask_scores<false>(sc, gw, G, C, factored);
 }
 
 // The power of two that keeps the warp's scores and their remainders in float16's range

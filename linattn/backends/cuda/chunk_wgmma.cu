@@ -1,0 +1,382 @@
+// The causal linear scan in chunks on Hopper's warpgroup products (wgmma, sm_90a): the scan
+// of chunk_mma.cu, the same arithmetic and arguments, in a quarter of its instructions.
+//
+//   S_t = e^{g_t} S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t          (g_t = 0 without a gate)
+//
+// For a chunk of C = 64 steps entering with state S, with G_i = g_1 + ... + g_i inside it:
+//
+//   o_i    = e^{G_i} q_i^T S + sum_{j <= i} e^{G_i - G_j} (q_i . k_j) v_j
+//   S_exit = e^{G_C} S + sum_j e^{G_C - G_j} k_j v_j^T
+//
+// Work split: one block per (leading index, tile of GROUPS x 64 value columns, time
+// segment) walks its segment's chunks in order, with GROUPS warpgroups that share the q and
+// k tiles; warpgroup g owns 64 of the value columns. Per chunk a warpgroup issues, each a
+// 64 x 64 x 16 product:
+//
+//   scores  P = Q K^T               (DKP/16; Q, K K-major from shared memory)
+//   output  O = Q S_hi + Q S_lo     (2 DKP/16; the state's two parts MN-major)
+//           O += P_hi V + P_lo V    (8; the masked, decayed scores from registers)
+//   update  S += K^T V              (DKP/16; K^T and V MN-major; gated: V's rows decayed, two parts)
+//
+// holding its state (DKP x 64, float32) in accumulator registers for the whole segment:
+// warp w of the group holds rows 64h + 16w .. 64h + 16w + 15 of each 64-key block h. Tiles
+// of q, k and v are copied into shared memory with cp.async one chunk ahead of the one
+// computed, in the 128-byte swizzled layout of wgmma_common.cuh.
+//
+// Precision is chunk_mma.cu's: q, k and v enter the products as stored; the intermediates
+// that enter a product in the storage type (the decayed scores, the state, the decayed
+// values) are split in two parts x = hi + lo (with SPLIT); float16 scales the scores and the
+// state by powers of two so that both parts stay in range.
+//
+// Compile-time parameters (-D): ELEM_HALF (float16, else bfloat16), DKP (keys padded to a
+// multiple of 64, at most 128), GROUPS (warpgroups, each 64 value columns), GATED, HAS_SIN,
+// WRITE_O (0: the states only, for the first pass of the time-segmented scan), SPLIT.
+// Compiled for sm_90a. Strides and layouts as in chunk_mma.cu.
+
+#define CH 64
+#define NWARPS (4 * GROUPS)
+#define NTHREADS (NWARPS * 32)
+#define QKS (DKP + 8)  // unused here: mma_common.cuh's mma.sync score helper reads it
+#define KB (DKP / 64)  // 64-key blocks
+#define VBB (GROUPS * 64)
+#define OS 72          // row stride of the output staging rows (+16 bytes against bank conflicts)
+#define SCALED ELEM_HALF
+// Byte offsets of the tiles (8 KB each) from the first.
+#define Q_AT 0
+#define K_AT (Q_AT + 2 * KB * TILE_BYTES)
+#define V_AT (K_AT + 2 * KB * TILE_BYTES)
+#define HI_AT (V_AT + 2 * GROUPS * TILE_BYTES)
+#define LO_AT (HI_AT + GROUPS * KB * TILE_BYTES)
+#define VW_AT (LO_AT + GROUPS * KB * TILE_BYTES)
+#define END_AT (VW_AT + (GATED ? 2 * GROUPS * TILE_BYTES : 0))
+
+#include "mma_common.cuh"
+#include "wgmma_common.cuh"
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+chunk_linear_scan_wg(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ v,
+                     const ELEM* __restrict__ g, const float* __restrict__ s_in, ELEM* __restrict__ o,
+                     float* __restrict__ s_out, i64 T, int Dk, int Dv, i64 n1, i64 n2, i64 seg_len, int col_blocks,
+                     i64 qs0, i64 qs1, i64 qs2, i64 qts, i64 ks0, i64 ks1, i64 ks2, i64 kts,
+                     i64 vs0, i64 vs1, i64 vs2, i64 vts, i64 os0, i64 os1, i64 os2, i64 ots,
+                     i64 gs0, i64 gs1, i64 gs2, i64 gts,
+                     i64 ss0, i64 ss1, i64 ss2, i64 sseg, i64 srow, i64 scol) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    // Swizzled tiles start on 1024 bytes (the launcher adds the slack).
+    ELEM* tiles = reinterpret_cast<ELEM*>(smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023));
+    ELEM* sq = tiles + Q_AT / 2;    // [2][KB] tiles: two chunks in flight
+    ELEM* sk = tiles + K_AT / 2;    // [2][KB] tiles
+    ELEM* sv = tiles + V_AT / 2;    // [2][GROUPS] tiles
+    ELEM* shi = tiles + HI_AT / 2;  // [GROUPS][KB] tiles: the entering state (DKP x 64), hi part
+    ELEM* slo = tiles + LO_AT / 2;  // ... lo part
+    ELEM* svw = tiles + VW_AT / 2;  // [GROUPS][2] tiles: decayed values, hi and lo (GATED)
+    ELEM* so = tiles + END_AT / 2;  // [NWARPS][16][OS] output staging
+    float* sg = reinterpret_cast<float*>(so + NWARPS * 16 * OS);  // [2][CH] log-gates
+    double* sG = reinterpret_cast<double*>(sg + 2 * CH);          // [NWARPS][CH] cumulative log-gates
+    [[maybe_unused]] float* sE = reinterpret_cast<float*>(sG + NWARPS * CH);  // [NWARPS][CH] e^{G_i}
+    [[maybe_unused]] float* sW = sE + NWARPS * CH;                           // [NWARPS][CH] e^{G_C - G_j}
+    [[maybe_unused]] float* sC = sW + NWARPS * CH;                           // [NWARPS][CH] score factors
+    [[maybe_unused]] float* sred = sC + NWARPS * CH;                         // [NWARPS] per-warp max |S|
+
+    // The warp, its warpgroup and its place there, known to the compiler as warp-uniform (a shuffle).
+    const int warp = __shfl_sync(FULL, threadIdx.x >> 5, 0), lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int group = warp >> 2, gw = warp & 3;
+    [[maybe_unused]] const int gt = threadIdx.x & 127;  // the thread in its warpgroup
+    const int c0 = (blockIdx.x % col_blocks) * VBB, cg = c0 + group * 64;  // the block's and the group's columns
+    const i64 lead = blockIdx.x / col_blocks;
+    const i64 la = lead / (n1 * n2), lb = (lead / n2) % n1, lc = lead % n2;
+    const i64 t_begin = (i64)blockIdx.y * seg_len;
+    const i64 t_end = min(T, t_begin + seg_len);
+    const int n_chunks = (int)((t_end - t_begin + CH - 1) / CH);
+    [[maybe_unused]] const ELEM* qb = q + la * qs0 + lb * qs1 + lc * qs2;
+    const ELEM* kb = k + la * ks0 + lb * ks1 + lc * ks2;
+    const ELEM* vb = v + la * vs0 + lb * vs1 + lc * vs2 + c0;
+    [[maybe_unused]] const ELEM* gb = g + la * gs0 + lb * gs1 + lc * gs2;
+    [[maybe_unused]] ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + cg;
+    ELEM* group_hi = shi + group * KB * WG_TILE;
+    ELEM* group_lo = slo + group * KB * WG_TILE;
+
+    // The group's state: S[h] holds key rows 64h + 16 gw + gid + 8 (e / 2), columns cg + 8t + 2 tig + e % 2.
+    float S[KB][8][4];
+    auto for_each_state = [&](auto f) {
+#pragma unroll
+        for (int h = 0; h < KB; ++h)
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    f(h, t, e, 64 * h + 16 * gw + gid + (e >> 1) * 8, 8 * t + 2 * tig + (e & 1));
+    };
+    for_each_state([&](int h, int t, int e, [[maybe_unused]] int d, [[maybe_unused]] int c) {
+        S[h][t][e] = 0.f;
+#if HAS_SIN
+        if (d < Dk && cg + c < Dv)
+            S[h][t][e] = s_in[la * ss0 + lb * ss1 + lc * ss2 + blockIdx.y * sseg + d * srow + (cg + c) * scol];
+#endif
+    });
+
+    // This thread's 16-byte pieces of a chunk's tiles: key columns kc .. kc + 7 of rows kr + K_ROWS it
+    // (q and k), value columns vc .. vc + 7 of rows vr + V_ROWS it. The row steps are multiples of
+    // 8, so every piece keeps its first row's swizzled column; the sources walk down the rows.
+    constexpr int KEY_PIECES = DKP / 8, COL_PIECES = VBB / 8;
+    constexpr int K_ROWS = NTHREADS / KEY_PIECES, V_ROWS = NTHREADS / COL_PIECES;
+    const int kr = threadIdx.x / KEY_PIECES, kc = (threadIdx.x % KEY_PIECES) * 8;
+    const int vr = threadIdx.x / COL_PIECES, vc = (threadIdx.x % COL_PIECES) * 8;
+    const int k_at = (kc / 64) * WG_TILE + swizzled(kr, kc % 64), v_at = (vc / 64) * WG_TILE + swizzled(vr, vc % 64);
+    const bool k_cols = kc < Dk, v_cols = c0 + vc < Dv;
+    [[maybe_unused]] const ELEM* q_next = qb + (t_begin + kr) * qts + kc;  // the next chunk's first rows
+    const ELEM* k_next = kb + (t_begin + kr) * kts + kc;
+    const ELEM* v_next = vb + (t_begin + vr) * vts + vc;
+    auto load_chunk = [&](int n, int buf) {
+        const i64 t0 = t_begin + (i64)n * CH;
+#pragma unroll
+        for (int it = 0; it < CH / K_ROWS; ++it) {
+            const bool ok = k_cols && t0 + kr + it * K_ROWS < t_end;
+            const int at = buf * KB * WG_TILE + k_at + it * K_ROWS * 64;
+#if WRITE_O
+            copy16(sq + at, ok ? q_next + it * K_ROWS * qts : qb, ok);
+#endif
+            copy16(sk + at, ok ? k_next + it * K_ROWS * kts : kb, ok);
+        }
+#pragma unroll
+        for (int it = 0; it < CH / V_ROWS; ++it) {
+            const bool ok = v_cols && t0 + vr + it * V_ROWS < t_end;
+            copy16(sv + buf * GROUPS * WG_TILE + v_at + it * V_ROWS * 64, ok ? v_next + it * V_ROWS * vts : vb, ok);
+        }
+        copy_commit();
+        q_next += CH * qts;
+        k_next += CH * kts;
+        v_next += CH * vts;
+    };
+    [[maybe_unused]] auto load_gate = [&](int n) -> float {
+        const i64 t = t_begin + (i64)n * CH + threadIdx.x;
+        return threadIdx.x < CH && t < t_end ? to_f(gb[t * gts]) : 0.f;
+    };
+    // The group's state times `scale` into its shared tiles, as the next chunk's B operand:
+    // per 64-key block and pair of 8-column tiles, one stmatrix of four 8 x 8 tiles per part.
+    // Tile i holds columns 8 (t + i / 2), rows 8 (i % 2) of the warp's 16; lane l addresses row
+    // l % 8 of tile l / 8, whose 16 bytes are one swizzled piece.
+    const int st_row = 16 * gw + 8 * ((lane >> 3) & 1) + (lane & 7), st_col = lane >> 4;
+    [[maybe_unused]] auto share_state = [&](float scale) {
+#pragma unroll
+        for (int h = 0; h < KB; ++h)
+#pragma unroll
+            for (int t = 0; t < 8; t += 2) {
+                u32 hi[4], lo[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float* x = S[h][t + i / 2] + 2 * (i % 2);
+                    if (SPLIT) split2(x[0] * scale, x[1] * scale, hi[i], lo[i]);
+                    else hi[i] = pack2(x[0] * scale, x[1] * scale);
+                }
+                const int at = h * WG_TILE + st_row * 64 + (((t + st_col) ^ lane) & 7) * 8;
+                stsm(group_hi + at, hi);
+                if (SPLIT) stsm(group_lo + at, lo);
+            }
+    };
+    [[maybe_unused]] auto state_max = [&]() {
+        float m = 0.f;
+        for_each_state([&](int h, int t, int e, int, int) { m = fmaxf(m, fabsf(S[h][t][e])); });
+        return warp_max(m);
+    };
+
+    // The products' descriptors count from the first tile (in 16-byte units).
+    const u32 base16 = shared_address(tiles) >> 4;
+    const u32 state_at = group * KB * TILE_BYTES;  // the group's state tiles, from HI_AT and LO_AT
+
+    [[maybe_unused]] float state_scale = 1.f;  // the shared state holds S * state_scale
+    load_chunk(0, 0);
+#if GATED
+    float g_next = load_gate(0);
+    if (threadIdx.x < CH) sg[threadIdx.x] = g_next;
+#endif
+#if WRITE_O
+#if SCALED
+    {
+        const float m = state_max();
+        if (lane == 0) sred[warp] = m;
+    }
+    __syncthreads();
+    state_scale = pow2_scale(max_of<NWARPS>(sred));
+#endif
+    share_state(state_scale);
+#endif
+
+    for (int n = 0; n < n_chunks; ++n) {
+        const int buf = n & 1;
+        copy_wait();
+        fence_async_shared();
+        __syncthreads();  // chunk n is in shared memory, and so is the state entering it
+        if (n + 1 < n_chunks) load_chunk(n + 1, buf ^ 1);
+        [[maybe_unused]] const ELEM* vt = sv + (buf * GROUPS + group) * WG_TILE;
+        const u32 qk_at = buf * KB * TILE_BYTES;  // this chunk's q and k tiles, from Q_AT and K_AT
+        const u32 v_at = V_AT + (buf * GROUPS + group) * TILE_BYTES;
+        u32 upd_at = v_at;  // the update's B operand: V, or (GATED) its decayed rows, hi then lo
+#if GATED
+        if (n + 1 < n_chunks) g_next = load_gate(n + 1);
+        double* G = sG + warp * CH;  // each warp its own copy: no block barrier needed
+        [[maybe_unused]] const bool factored = chunk_decays(sg + buf * CH, 16 * gw, G, sE + warp * CH,
+                                                            sW + warp * CH, sC + warp * CH, WRITE_O);
+        {   // V's rows times the keys' decays e^{G_C - G_j}: four 16-byte pieces per thread of the group.
+            ELEM* vw_hi = svw + 2 * group * WG_TILE;
+            ELEM* vw_lo = vw_hi + WG_TILE;
+#pragma unroll
+            for (int it = 0; it < 4; ++it) {
+                const int p = gt + it * 128, r = p / 8, at = r * 64 + (p % 8) * 8;  // the same piece, swizzled or not
+                const float w = sW[warp * CH + r];
+                const uint4 x = *reinterpret_cast<const uint4*>(vt + at);
+                const u32* xs = reinterpret_cast<const u32*>(&x);
+                uint4 hi, lo;
+                u32* hs = reinterpret_cast<u32*>(&hi);
+                u32* ls = reinterpret_cast<u32*>(&lo);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float2 y = unpack2(xs[i]);
+                    if (SPLIT) split2(y.x * w, y.y * w, hs[i], ls[i]);
+                    else hs[i] = pack2(y.x * w, y.y * w);
+                }
+                *reinterpret_cast<uint4*>(vw_hi + at) = hi;
+                if (SPLIT) *reinterpret_cast<uint4*>(vw_lo + at) = lo;
+            }
+            fence_async_shared();
+            group_barrier(group);
+            upd_at = VW_AT + 2 * group * TILE_BYTES;
+        }
+#endif
+
+#if WRITE_O
+        float P[8][4], O[8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < DKP / 16; ++kk) {  // 16 keys: block kk / 4, 32 bytes into its rows per step
+            const u32 at = qk_at + (kk / 4) * TILE_BYTES + (kk % 4) * K_STEP;
+            wgmma_ss<0, 0>(P, tile_descriptor<false>(base16, Q_AT + at), tile_descriptor<false>(base16, K_AT + at),
+                           kk > 0);
+        }
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < DKP / 16; ++kk) {  // the state's key rows 16 kk .. 16 kk + 15
+            const u64 a = tile_descriptor<false>(base16, Q_AT + qk_at + (kk / 4) * TILE_BYTES + (kk % 4) * K_STEP);
+            const u32 at = state_at + (kk / 4) * TILE_BYTES + (kk % 4) * MN_STEP;
+            wgmma_ss<0, 1>(O, a, tile_descriptor<true>(base16, HI_AT + at), kk > 0);
+            if (SPLIT) wgmma_ss<0, 1>(O, a, tile_descriptor<true>(base16, LO_AT + at), true);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        wgmma_pin(P);
+#if GATED
+        mask_scores<true>(P, gw, G, sC + warp * CH, factored);
+#else
+        mask_scores<true>(P, gw, nullptr, nullptr, false);
+#endif
+        const float score_scale = score_scale_of(P);
+        u32 ah[4][4];
+        [[maybe_unused]] u32 al[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const float* s = P[2 * kk + (r >> 1)] + (r & 1) * 2;
+                if (SPLIT) split2(s[0] * score_scale, s[1] * score_scale, ah[kk][r], al[kk][r]);
+                else ah[kk][r] = pack2(s[0] * score_scale, s[1] * score_scale);
+            }
+        wgmma_wait<0>();
+        wgmma_pin(O);
+        // O = Q x (S state_scale), rescaled by e^{G_i} score_scale / state_scale; then O += P V.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float f = score_scale / state_scale;
+#if GATED
+            f *= sE[warp * CH + 16 * gw + gid + h * 8];
+#endif
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                O[t][2 * h] *= f;
+                O[t][2 * h + 1] *= f;
+            }
+        }
+#endif  // WRITE_O
+
+#if GATED
+        {
+            const float decay = expf((float)G[CH - 1]);
+            for_each_state([&](int h, int t, int e, int, int) { S[h][t][e] *= decay; });
+        }
+#endif
+        wgmma_fence();
+#if WRITE_O
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const u64 b = tile_descriptor<true>(base16, v_at + kk * MN_STEP);
+            wgmma_rs<1>(O, ah[kk], b);
+            if (SPLIT) wgmma_rs<1>(O, al[kk], b);
+        }
+#endif
+        // The update: S <- e^{G_C} S + K^T (V ⊙ e^{G_C - G}), K^T one 64-key block at a time.
+#pragma unroll
+        for (int h = 0; h < KB; ++h)
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                const u64 a = tile_descriptor<true>(base16, K_AT + qk_at + h * TILE_BYTES + kk * MN_STEP);
+                wgmma_ss<1, 1>(S[h], a, tile_descriptor<true>(base16, upd_at + kk * MN_STEP), true);
+#if GATED
+                if (SPLIT) wgmma_ss<1, 1>(S[h], a, tile_descriptor<true>(base16, upd_at + TILE_BYTES + kk * MN_STEP), true);
+#endif
+            }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int h = 0; h < KB; ++h) wgmma_pin(S[h]);
+
+#if WRITE_O
+        wgmma_pin(O);
+        {   // Stage this warp's 16 output rows, then write them in 16-byte pieces.
+            ELEM* stage = so + warp * 16 * OS;
+            const float unscale = 1.f / score_scale;
+#pragma unroll
+            for (int t = 0; t < 8; t += 2) {  // stmatrix as in share_state
+                u32 r[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float* x = O[t + i / 2] + 2 * (i % 2);
+                    r[i] = pack2(x[0] * unscale, x[1] * unscale);
+                }
+                stsm(stage + (st_row - 16 * gw) * OS + (t + st_col) * 8, r);
+            }
+            __syncwarp();
+            const i64 t0 = t_begin + (i64)n * CH + 16 * gw;
+#pragma unroll
+            for (int it = 0; it < 4; ++it) {
+                const int p = lane + it * 32, r = p / 8, c = (p % 8) * 8;
+                if (t0 + r < t_end && cg + c < Dv)
+                    *reinterpret_cast<uint4*>(ob + (t0 + r) * ots + c) =
+                        *reinterpret_cast<const uint4*>(stage + r * OS + c);
+            }
+        }
+#if SCALED
+        {
+            const float m = state_max();
+            if (lane == 0) sred[warp] = m;
+        }
+#endif
+#endif
+        __syncthreads();  // every warp is done with the shared state and chunk n's gates
+#if GATED
+        if (n + 1 < n_chunks && threadIdx.x < CH) sg[(buf ^ 1) * CH + threadIdx.x] = g_next;
+#endif
+#if WRITE_O
+        if (n + 1 < n_chunks) {
+#if SCALED
+            state_scale = pow2_scale(max_of<NWARPS>(sred));
+#endif
+            share_state(state_scale);
+        }
+#endif
+    }
+
+    // The exit state: s_out[lead][segment][Dk][Dv].
+    float* out = s_out + ((lead * gridDim.y + blockIdx.y) * Dk) * (i64)Dv;
+    for_each_state([&](int h, int t, int e, int d, int c) {
+        if (d < Dk && cg + c < Dv) out[(i64)d * Dv + cg + c] = S[h][t][e];
+    });
+}
