@@ -1,5 +1,6 @@
 // The causal linear scan in chunks on Hopper's warpgroup products (wgmma, sm_90a): the scan
-// of chunk_mma.cu, the same arithmetic and arguments, in a quarter of its instructions.
+// of chunk_mma.cu, the same arithmetic and arguments, in two thirds of its instructions
+// (Nsight Compute at (16, 2048, 16, 128) bf16: 65.9 M against 100.7 M).
 //
 //   S_t = e^{g_t} S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t          (g_t = 0 without a gate)
 //
