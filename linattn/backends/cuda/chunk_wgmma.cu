@@ -55,13 +55,7 @@
 #include "wgmma_common.cuh"
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
-chunk_linear_scan_wg(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ v,
-                     const ELEM* __restrict__ g, const float* __restrict__ s_in, ELEM* __restrict__ o,
-                     float* __restrict__ s_out, i64 T, int Dk, int Dv, i64 n1, i64 n2, i64 seg_len, int col_blocks,
-                     i64 qs0, i64 qs1, i64 qs2, i64 qts, i64 ks0, i64 ks1, i64 ks2, i64 kts,
-                     i64 vs0, i64 vs1, i64 vs2, i64 vts, i64 os0, i64 os1, i64 os2, i64 ots,
-                     i64 gs0, i64 gs1, i64 gs2, i64 gts,
-                     i64 ss0, i64 ss1, i64 ss2, i64 sseg, i64 srow, i64 scol) {
+chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     // Swizzled tiles start on 1024 bytes (the launcher adds the slack).
     ELEM* tiles = reinterpret_cast<ELEM*>(smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023));
@@ -84,15 +78,7 @@ chunk_linear_scan_wg(const ELEM* __restrict__ q, const ELEM* __restrict__ k, con
     const int group = warp >> 2, gw = warp & 3;
     [[maybe_unused]] const int gt = threadIdx.x & 127;  // the thread in its warpgroup
     const int c0 = (blockIdx.x % col_blocks) * VBB, cg = c0 + group * 64;  // the block's and the group's columns
-    const i64 lead = blockIdx.x / col_blocks;
-    const i64 la = lead / (n1 * n2), lb = (lead / n2) % n1, lc = lead % n2;
-    const i64 t_begin = (i64)blockIdx.y * seg_len;
-    const i64 t_end = min(T, t_begin + seg_len);
-    const int n_chunks = (int)((t_end - t_begin + CH - 1) / CH);
-    [[maybe_unused]] const ELEM* qb = q + la * qs0 + lb * qs1 + lc * qs2;
-    const ELEM* kb = k + la * ks0 + lb * ks1 + lc * ks2;
-    const ELEM* vb = v + la * vs0 + lb * vs1 + lc * vs2 + c0;
-    [[maybe_unused]] const ELEM* gb = g + la * gs0 + lb * gs1 + lc * gs2;
+    LINEAR_CHUNK_GEOMETRY
     [[maybe_unused]] ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + cg;
     ELEM* group_hi = shi + group * KB * WG_TILE;
     ELEM* group_lo = slo + group * KB * WG_TILE;
