@@ -41,7 +41,7 @@ def test_the_shared_header_is_inlined_where_it_is_used() -> None:
     for name in ("scan.cu", "delta_grad.cu"):
         assert "#define GEOMETRY_SETUP" in cl._source(name) and "#define LOAD_STATE" in cl._source(name)
     for name in ("chunk_mma.cu", "chunk_wgmma.cu", "delta_chunk.cu"):
-        assert "__device__ __forceinline__ bool chunk_decays(" in cl._source(name)
+        assert "__device__ __forceinline__ int chunk_decays(" in cl._source(name)
     assert "__device__ __forceinline__ u64 tile_descriptor(" in cl._source("chunk_wgmma.cu")
     assert "__device__ __forceinline__ void share_state(" in cl._source("gla_chunk.cu")
 

@@ -79,12 +79,13 @@ def _shared_bytes(dkp: int, columns: int, groups: int, q_tiles: int) -> int:
     """The kernel's shared memory: ``q_tiles`` q tiles, two k and v tiles, the state (hi, lo), the output, gates.
 
     The gates: two chunks of log-gates (float32), and per warp the chunk's cumulative
-    log-gates (float64) with their row, key and score decay factors (float32 each).
+    log-gates (float64) with their row and key decay factors and the scores' two sets
+    of factors (float32 each).
     """
     qk, vs = dkp + 8, columns + 8
     elements = (q_tiles + 2) * _CHUNK * qk + 2 * _CHUNK * vs + 2 * dkp * vs + _CHUNK * vs
     warps = _GROUP_WARPS * groups
-    return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4 + 4) * warps * _CHUNK + 4 * warps
+    return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4 + 8) * warps * _CHUNK + 4 * warps
 
 
 @functools.cache
@@ -134,7 +135,7 @@ class _WarpgroupPlan:
         blocks, warps = self.dkp // 64, 4 * self.groups
         tiles = 4 * blocks + 2 * self.groups + 2 * blocks * self.groups + (2 * self.groups if self.gated else 0)
         staging = warps * 16 * (64 + 8) * 2
-        return 1024 + 8192 * tiles + staging + 4 * 2 * _CHUNK + (8 + 4 + 4 + 4) * warps * _CHUNK + 4 * warps
+        return 1024 + 8192 * tiles + staging + 4 * 2 * _CHUNK + (8 + 4 + 4 + 8) * warps * _CHUNK + 4 * warps
 
 
 def _warpgroup_plan(dtype: str, Dk: int, Dv: int, gated: bool, device: int) -> _WarpgroupPlan | None:

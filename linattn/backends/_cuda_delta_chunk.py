@@ -42,13 +42,13 @@ def _scan_shared_bytes(dkp: int, columns: int, groups: int) -> int:
     """The scan's shared memory: q and k tiles twice, v, A (two parts), R/U (two parts), the state (two parts), gates.
 
     The gates: two chunks of log-gates (float32), per warp the chunk's cumulative
-    log-gates (float64) with their row, key and score decay factors (float32 each), and
-    three per-warp maxima.
+    log-gates (float64) with their row and key decay factors and the scores' two sets
+    of factors (float32 each), and three per-warp maxima.
     """
     qk, vs, a = dkp + 8, columns + 8, _CHUNK + 8
     elements = 4 * _CHUNK * qk + _CHUNK * vs + 2 * _CHUNK * a + 2 * _CHUNK * vs + 2 * dkp * vs
     warps = _GROUP_WARPS * groups
-    return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4 + 4) * warps * _CHUNK + 4 * 3 * warps
+    return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4 + 8) * warps * _CHUNK + 4 * 3 * warps
 
 
 def _prepare_shared_bytes(dkp: int) -> int:

@@ -234,6 +234,33 @@ def test_tensor_core_time_segments_match_the_reference(cp: Any, tensor_core_call
     _check(s, s_ref, "float32", 3001 * 64, "final state")
 
 
+@pytest.mark.usefixtures("nan_memory", "linear_kernel")
+@pytest.mark.parametrize("regime", ["spans <= 16", "spans > 16", "growth"])
+def test_tensor_core_score_decays_match_the_reference_on_each_path(cp: Any, tensor_core_calls: list[bool],
+                                                                   regime: str) -> None:
+    """Each way the tensor-core kernels decay the scores (chunk_decays' ``factored``), against the reference.
+
+    "spans <= 16": log-gates in [-1, 0], so every 16-step block spans at most 15: the
+    diagonal blocks take the factored decays C_i C_{CH+j}, as the blocks below them do.
+    "spans > 16": log-gates in [-2.5, -1.5], every block spans more than 16: an expf per
+    score on the diagonal blocks (decays e^{-1.5} to e^{-37}, far from negligible there),
+    the factors below. "growth": some log-gates > 0: an expf per score everywhere.
+    """
+    p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 700, "Dk": 128, "Dv": 128, "gates": "step",
+         "regime": "mild", "initial": True, "dtype": "float16", "seed": 16}
+    host = _linear_inputs(p)
+    rng, shape = np.random.default_rng(16), host["gk"].shape
+    draw = {"spans <= 16": lambda: rng.uniform(-1.0, 0.0, shape), "spans > 16": lambda: rng.uniform(-2.5, -1.5, shape),
+            "growth": lambda: rng.uniform(-1.0, 0.25, shape)}[regime]
+    host["gk"] = draw().astype("float16").astype(np.float64)
+    o_ref, s_ref = causal_scan(**host, form="recurrent")
+    tensor_core_calls.clear()
+    o, s = causal_scan(**_to_device(cp, host, "float16"), backend="cupy")
+    assert tensor_core_calls == [True]
+    _check(o, o_ref, "float16", 700 * 128, f"outputs, {regime}")
+    _check(s, s_ref, "float32", 700 * 128, f"final state, {regime}")
+
+
 @pytest.mark.usefixtures("nan_memory")
 @pytest.mark.parametrize("gates", ["none", "step"])
 def test_tensor_core_single_q_tile_is_exact_deterministic_and_prefix_invariant(cp: Any, tensor_core_calls: list[bool],

@@ -64,8 +64,8 @@ chunk_linear_scan(LINEAR_CHUNK_PARAMS) {
     double* sG = reinterpret_cast<double*>(sg + 2 * CH);   // [NWARPS][CH] in-chunk cumulative log-gates
     [[maybe_unused]] float* sE = reinterpret_cast<float*>(sG + NWARPS * CH);  // [NWARPS][CH] e^{G_i}
     [[maybe_unused]] float* sW = sE + NWARPS * CH;          // [NWARPS][CH] e^{G_C - G_j}, the keys' decays
-    [[maybe_unused]] float* sC = sW + NWARPS * CH;          // [NWARPS][CH] e^{±(G_j - G_r)}, the scores' factors
-    [[maybe_unused]] float* sred = sC + NWARPS * CH;        // [NWARPS] per-warp max |S|
+    [[maybe_unused]] float* sC = sW + NWARPS * CH;          // [NWARPS][2 CH] the scores' decay factors
+    [[maybe_unused]] float* sred = sC + 2 * NWARPS * CH;    // [NWARPS] per-warp max |S|
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int c0 = (blockIdx.x % col_blocks) * VBB;
@@ -125,9 +125,8 @@ chunk_linear_scan(LINEAR_CHUNK_PARAMS) {
         }
         copy_commit();
     };
-    [[maybe_unused]] auto load_gate = [&](int n) -> float {
-        const i64 t = t_begin + (i64)n * CH + threadIdx.x;
-        return threadIdx.x < CH && t < t_end ? to_f(gb[t * gts]) : 0.f;
+    [[maybe_unused]] auto load_gate = [&](int n) {
+        return chunk_gate(gb, t_begin + (i64)n * CH + threadIdx.x, t_end, gts);
     };
     [[maybe_unused]] float state_scale = 1.f;  // the shared state holds S * state_scale
 #if WRITE_O && Q_SINGLE
@@ -135,8 +134,8 @@ chunk_linear_scan(LINEAR_CHUNK_PARAMS) {
 #endif
     load_chunk(0, 0);
 #if GATED
-    float g_next = load_gate(0);
-    if (threadIdx.x < CH) sg[threadIdx.x] = g_next;
+    ELEM g_next = load_gate(0);
+    if (threadIdx.x < CH) sg[threadIdx.x] = to_f(g_next);
 #endif
 #if WRITE_O
 #if SCALED
@@ -161,15 +160,15 @@ chunk_linear_scan(LINEAR_CHUNK_PARAMS) {
 #if GATED
         if (n + 1 < n_chunks) g_next = load_gate(n + 1);
         double* G = sG + warp * CH;  // each warp its own copy: no block barrier needed
-        [[maybe_unused]] const bool factored = chunk_decays(sg + buf * CH, 16 * gw, G, sE + warp * CH,
-                                                            sW + warp * CH, sC + warp * CH, WRITE_O);
+        [[maybe_unused]] const int factored = chunk_decays(sg + buf * CH, 16 * gw, G, sE + warp * CH,
+                                                           sW + warp * CH, sC + warp * 2 * CH, WRITE_O);
 #endif
 
 #if WRITE_O
         const int row0 = gw * 16;
         float sc[8][4];
 #if GATED
-        causal_scores(sc, qt, kt, gw, G, sC + warp * CH, factored);
+        causal_scores(sc, qt, kt, gw, G, sC + warp * 2 * CH, factored);
 #else
         causal_scores(sc, qt, kt, gw, nullptr, nullptr, false);
 #endif
@@ -265,7 +264,7 @@ chunk_linear_scan(LINEAR_CHUNK_PARAMS) {
 
         // The update of this warp's state tile: S <- e^{G_C} S + (K ⊙ e^{G_C - G})^T V.
 #if GATED
-        scale_state(S, expf((float)G[CH - 1]));
+        scale_state(S, sE[warp * CH + CH - 1]);  // e^{G_C}, chunk_decays' E
 #endif
 #pragma unroll
         for (int kk = 0; kk < CH / 16; ++kk) {
@@ -315,7 +314,7 @@ chunk_linear_scan(LINEAR_CHUNK_PARAMS) {
 #endif
         __syncthreads();  // every warp is done with the shared state and chunk n's gates
 #if GATED
-        if (n + 1 < n_chunks && threadIdx.x < CH) sg[(buf ^ 1) * CH + threadIdx.x] = g_next;
+        if (n + 1 < n_chunks && threadIdx.x < CH) sg[(buf ^ 1) * CH + threadIdx.x] = to_f(g_next);
 #endif
 #if WRITE_O
         if (n + 1 < n_chunks) {

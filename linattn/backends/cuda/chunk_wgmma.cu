@@ -70,8 +70,8 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
     double* sG = reinterpret_cast<double*>(sg + 2 * CH);          // [NWARPS][CH] cumulative log-gates
     [[maybe_unused]] float* sE = reinterpret_cast<float*>(sG + NWARPS * CH);  // [NWARPS][CH] e^{G_i}
     [[maybe_unused]] float* sW = sE + NWARPS * CH;                           // [NWARPS][CH] e^{G_C - G_j}
-    [[maybe_unused]] float* sC = sW + NWARPS * CH;                           // [NWARPS][CH] score factors
-    [[maybe_unused]] float* sred = sC + NWARPS * CH;                         // [NWARPS] per-warp max |S|
+    [[maybe_unused]] float* sC = sW + NWARPS * CH;                           // [NWARPS][2 CH] score factors
+    [[maybe_unused]] float* sred = sC + 2 * NWARPS * CH;                     // [NWARPS] per-warp max |S|
 
     // The warp, its warpgroup and its place there, known to the compiler as warp-uniform (a shuffle).
     const int warp = __shfl_sync(FULL, threadIdx.x >> 5, 0), lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
@@ -135,9 +135,8 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
         k_next += CH * kts;
         v_next += CH * vts;
     };
-    [[maybe_unused]] auto load_gate = [&](int n) -> float {
-        const i64 t = t_begin + (i64)n * CH + threadIdx.x;
-        return threadIdx.x < CH && t < t_end ? to_f(gb[t * gts]) : 0.f;
+    [[maybe_unused]] auto load_gate = [&](int n) {
+        return chunk_gate(gb, t_begin + (i64)n * CH + threadIdx.x, t_end, gts);
     };
     // The group's state times `scale` into its shared tiles, as the next chunk's B operand:
     // per 64-key block and pair of 8-column tiles, one stmatrix of four 8 x 8 tiles per part.
@@ -174,8 +173,8 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
     [[maybe_unused]] float state_scale = 1.f;  // the shared state holds S * state_scale
     load_chunk(0, 0);
 #if GATED
-    float g_next = load_gate(0);
-    if (threadIdx.x < CH) sg[threadIdx.x] = g_next;
+    ELEM g_next = load_gate(0);
+    if (threadIdx.x < CH) sg[threadIdx.x] = to_f(g_next);
 #endif
 #if WRITE_O
 #if SCALED
@@ -202,8 +201,8 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
 #if GATED
         if (n + 1 < n_chunks) g_next = load_gate(n + 1);
         double* G = sG + warp * CH;  // each warp its own copy: no block barrier needed
-        [[maybe_unused]] const bool factored = chunk_decays(sg + buf * CH, 16 * gw, G, sE + warp * CH,
-                                                            sW + warp * CH, sC + warp * CH, WRITE_O);
+        [[maybe_unused]] const int factored = chunk_decays(sg + buf * CH, 16 * gw, G, sE + warp * CH,
+                                                           sW + warp * CH, sC + warp * 2 * CH, WRITE_O);
         {   // V's rows times the keys' decays e^{G_C - G_j}: four 16-byte pieces per thread of the group.
             ELEM* vw_hi = svw + 2 * group * WG_TILE;
             ELEM* vw_lo = vw_hi + WG_TILE;
@@ -252,7 +251,7 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
         wgmma_wait<1>();
         wgmma_pin(P);
 #if GATED
-        mask_scores<true>(P, gw, G, sC + warp * CH, factored);
+        mask_scores<true>(P, gw, G, sC + warp * 2 * CH, factored);
 #else
         mask_scores<true>(P, gw, nullptr, nullptr, false);
 #endif
@@ -286,7 +285,7 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
 
 #if GATED
         {
-            const float decay = expf((float)G[CH - 1]);
+            const float decay = sE[warp * CH + CH - 1];  // e^{G_C}, chunk_decays' E
             for_each_state([&](int h, int t, int e, int, int) { S[h][t][e] *= decay; });
         }
 #endif
@@ -349,7 +348,7 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
 #endif
         __syncthreads();  // every warp is done with the shared state and chunk n's gates
 #if GATED
-        if (n + 1 < n_chunks && threadIdx.x < CH) sg[(buf ^ 1) * CH + threadIdx.x] = g_next;
+        if (n + 1 < n_chunks && threadIdx.x < CH) sg[(buf ^ 1) * CH + threadIdx.x] = to_f(g_next);
 #endif
 #if WRITE_O
         if (n + 1 < n_chunks) {

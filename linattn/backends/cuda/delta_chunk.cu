@@ -170,8 +170,8 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
     double* sG = reinterpret_cast<double*>(sg + 2 * CH);   // [NWARPS][CH] in-chunk cumulative log-gates
     float* sE = reinterpret_cast<float*>(sG + NWARPS * CH); // [NWARPS][CH] e^{G_i}
     [[maybe_unused]] float* sK = sE + NWARPS * CH;          // [NWARPS][CH] e^{G_C - G_j}, the keys' decays
-    [[maybe_unused]] float* sC = sK + NWARPS * CH;          // [NWARPS][CH] the score decays' factors
-    [[maybe_unused]] float* sred = sC + NWARPS * CH;        // [3][NWARPS] per-warp max |S|, |R|, |U|
+    [[maybe_unused]] float* sC = sK + NWARPS * CH;          // [NWARPS][2 CH] the score decays' factors
+    [[maybe_unused]] float* sred = sC + 2 * NWARPS * CH;    // [3][NWARPS] per-warp max |S|, |R|, |U|
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int c0 = (blockIdx.x % col_blocks) * VBB;
@@ -223,9 +223,8 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
         stage_tile<CH, CH, NTHREADS>(sal, AS, alb + (i64)n * CH * CH, CH, CH, CH);
         copy_commit();
     };
-    [[maybe_unused]] auto load_gate = [&](int n) -> float {
-        const i64 t = (i64)n * CH + threadIdx.x;
-        return threadIdx.x < CH && t < T ? to_f(gb[t * gts]) : 0.f;
+    [[maybe_unused]] auto load_gate = [&](int n) {
+        return chunk_gate(gb, (i64)n * CH + threadIdx.x, T, gts);
     };
     // This warp's rows of x (ONT column tiles) into the R/U tiles, two parts, times `scale`.
     auto share_rows = [&](float (&x)[ONT][4], float scale) {
@@ -258,8 +257,8 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
     load_v(0);
     load_a(0);
 #if GATED
-    float g_next = load_gate(0);
-    if (threadIdx.x < CH) sg[threadIdx.x] = g_next;
+    ELEM g_next = load_gate(0);
+    if (threadIdx.x < CH) sg[threadIdx.x] = to_f(g_next);
 #endif
 #if SCALED
     {
@@ -283,8 +282,8 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
 #if GATED
         if (n + 1 < n_chunks) g_next = load_gate(n + 1);
         double* G = sG + warp * CH;  // each warp its own copy: no block barrier needed
-        const bool factored = chunk_decays(sg + buf * CH, row0, G, sE + warp * CH, sK + warp * CH, sC + warp * CH,
-                                           true);
+        const int factored = chunk_decays(sg + buf * CH, row0, G, sE + warp * CH, sK + warp * CH,
+                                          sC + warp * 2 * CH, true);
 #endif
 
         // One pass over the shared state: O = Q (S s) and P = K (S s), this warp's 16 rows.
@@ -374,7 +373,7 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
         // O = e^{G_i} Q S + (decayed scores) U, through the scales of the two-part operands.
         float sc[8][4];
 #if GATED
-        causal_scores(sc, qt, kt, gw, G, sC + warp * CH, factored);
+        causal_scores(sc, qt, kt, gw, G, sC + warp * 2 * CH, factored);
 #else
         causal_scores(sc, qt, kt, gw, nullptr, nullptr, false);
 #endif
@@ -418,7 +417,7 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
 
         // The update of this warp's state tile: S <- e^{G_C} S + (K ⊙ e^{G_C - G})^T U.
 #if GATED
-        scale_state(S, u_scale * expf((float)G[CH - 1]));  // the shared U holds U * u_scale
+        scale_state(S, u_scale * sE[warp * CH + CH - 1]);  // the shared U holds U * u_scale
 #else
         scale_state(S, u_scale);
 #endif
@@ -470,7 +469,7 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
 #endif
         __syncthreads();  // every warp is done with the shared state, U and chunk n's gates
 #if GATED
-        if (n + 1 < n_chunks && threadIdx.x < CH) sg[(buf ^ 1) * CH + threadIdx.x] = g_next;
+        if (n + 1 < n_chunks && threadIdx.x < CH) sg[(buf ^ 1) * CH + threadIdx.x] = to_f(g_next);
 #endif
         if (n + 1 < n_chunks) {
 #if SCALED

@@ -218,19 +218,35 @@ __device__ __forceinline__ void share_state(const float (&S)[TM][TN][4], float s
     });
 }
 
+// Step t's log-gate as stored (zero past t_end, and for threads past the chunk's CH), read
+// one chunk ahead. The kernels convert it only where they store it, after the chunk's
+// products: converting it where it is read made warps 0 and 1 wait there for global memory
+// every chunk, and the block's barrier with them.
+__device__ __forceinline__ ELEM chunk_gate(const ELEM* gb, i64 t, i64 t_end, i64 gts) {
+    ELEM x = from_f(0.f);
+    if (threadIdx.x < CH && t < t_end) x = gb[t * gts];
+    return x;
+}
+
 #if GATED
 // The chunk's cumulative log-gates and the decay factors that every thread of the warp
 // needs, computed by one warp for its own use (no block barrier): G_i = g_0 + ... + g_i
 // in float64 (the decays are e^{G_i - G_j}, and a difference of two long float32 sums
 // would lose the digits of a mild gate behind a strong one, G ~ -1e4); E_i = e^{G_i};
 // K_j = e^{G_{C-1} - G_j}, the keys' decays to the chunk's end; and, with `scores`, the
-// factors of the score decays below the diagonal block of the warp whose first row is r:
-// e^{G_i - G_j} = e^{G_i - G_r} e^{G_r - G_j} for j < r <= i, one factor per row and one
-// per column, C_j = e^{G_r - G_j} (j < r) or e^{G_j - G_r} (j >= r). Returns whether the
-// factored form holds: where no gate of the chunk is positive both factors are <= 1, so
-// neither overflows, and one underflows only where the product does.
-__device__ __forceinline__ bool chunk_decays(const float* gates, int first_row, double* G, float* E, float* K,
-                                            float* C, bool scores) {
+// factors of the score decays (C, 2 CH floats). Below the diagonal block of the warp whose
+// first row is r: e^{G_i - G_j} = e^{G_i - G_r} e^{G_r - G_j} for j < r <= i, one factor
+// per row and one per column, C_j = e^{G_r - G_j} (j < r) or e^{G_j - G_r} (j >= r). On
+// the diagonal blocks: e^{G_i - G_j} = C_i C_{CH + j} for b <= j <= i, b = 16 floor(j / 16)
+// the block's first row, C_{CH + j} = e^{G_b - G_j}. Returns where the factored forms hold:
+// 0 nowhere; 1 below the diagonal blocks, where no gate of the chunk is positive (both
+// factors are <= 1, so neither overflows, and one underflows only where the product does);
+// 2 on the diagonal blocks too, where besides no block spans more than DIAG_SPAN (G_b - G_j
+// <= 16: the factor e^{G_b - G_j} >= 1 stays finite, and each factor's exponent, rounded to
+// float32, is off by at most 2^-20, so the product is within a few 1e-6 of e^{G_i - G_j}).
+#define DIAG_SPAN 16.0
+__device__ __forceinline__ int chunk_decays(const float* gates, int first_row, double* G, float* E, float* K,
+                                           float* C, bool scores) {
     const int lane = threadIdx.x & 31;
     const double x0 = gates[2 * lane], x1 = gates[2 * lane + 1];
     double s = x0 + x1;
@@ -248,12 +264,14 @@ __device__ __forceinline__ bool chunk_decays(const float* gates, int first_row, 
     E[2 * lane + 1] = expf((float)s);
     K[2 * lane] = expf((float)(last - g0));
     K[2 * lane + 1] = expf((float)(last - s));
-    bool factored = false;
+    int factored = 0;
     if (scores) {
-        const double g_r = __shfl_sync(FULL, g0, first_row / 2);
-        factored = __all_sync(FULL, x0 <= 0.0 && x1 <= 0.0);
+        const double g_r = __shfl_sync(FULL, g0, first_row / 2), g_b = __shfl_sync(FULL, g0, lane & ~7);
         C[2 * lane] = expf((float)(2 * lane < first_row ? g_r - g0 : g0 - g_r));
         C[2 * lane + 1] = expf((float)(2 * lane + 1 < first_row ? g_r - s : s - g_r));
+        C[CH + 2 * lane] = expf((float)(g_b - g0));
+        C[CH + 2 * lane + 1] = expf((float)(g_b - s));
+        if (__all_sync(FULL, x0 <= 0.0 && x1 <= 0.0)) factored = __all_sync(FULL, g_b - s <= DIAG_SPAN) ? 2 : 1;
     }
     __syncwarp();
     return factored;
@@ -261,34 +279,39 @@ __device__ __forceinline__ bool chunk_decays(const float* gates, int first_row, 
 #endif
 
 // The warp's scores q_i . k_j (rows from 16 gw, columns 8t .. 8t+7 in sc[t]) masked to
-// j <= i and, with a gate, decayed by e^{G_i - G_j} (below the diagonal block by the factors
-// C where `factored`, see chunk_decays; a warp-uniform branch, so each path runs alone). The
-// tiles past the diagonal block are skipped, or with ZERO_ABOVE set to zero.
+// j <= i and, with a gate, decayed by e^{G_i - G_j}: by the factors C where `factored`
+// says they hold (see chunk_decays), else by an expf per score; warp-uniform branches, so
+// each path runs alone. The tiles past the diagonal block are skipped, or with ZERO_ABOVE
+// set to zero.
 template <bool ZERO_ABOVE>
 __device__ __forceinline__ void mask_scores(float (&sc)[8][4], int gw, [[maybe_unused]] const double* G,
-                                            [[maybe_unused]] const float* C, [[maybe_unused]] bool factored) {
+                                            [[maybe_unused]] const float* C, [[maybe_unused]] int factored) {
     const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3, row0 = gw * 16;
     auto row = [&](int e) { return row0 + gid + (e >> 1) * 8; };
     auto col = [&](int t, int e) { return t * 8 + 2 * tig + (e & 1); };
+    // The tiles past the diagonal block, and on it j <= i only, times decay(i, j) (a select,
+    // not a branch per score; past the diagonal, j > i, the decay is not used).
+    auto mask_to_diagonal = [&](auto decay) {
 #pragma unroll
-    for (int t = 0; t < 8; ++t) {
-        if (t / 2 > gw) {
-            if (ZERO_ABOVE)
+        for (int t = 0; t < 8; ++t) {
+            if (t / 2 > gw) {
+                if (ZERO_ABOVE)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) sc[t][e] = 0.f;
-        } else if (t / 2 == gw) {  // the diagonal block: j <= i only
+                    for (int e = 0; e < 4; ++e) sc[t][e] = 0.f;
+            } else if (t / 2 == gw) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = row(e), j = col(t, e);
-                float x = j <= i ? sc[t][e] : 0.f;
-#if GATED
-                if (j <= i) x *= expf((float)(G[i] - G[j]));
-#endif
-                sc[t][e] = x;
+                for (int e = 0; e < 4; ++e) {
+                    const int i = row(e), j = col(t, e);
+                    sc[t][e] = j <= i ? sc[t][e] * decay(i, j) : 0.f;
+                }
             }
         }
-    }
+    };
 #if GATED
+    if (factored == 2)
+        mask_to_diagonal([&](int i, int j) { return C[i] * C[CH + j]; });
+    else
+        mask_to_diagonal([&](int i, int j) { return expf((float)(G[i] - G[j])); });
     if (factored) {  // below the diagonal block (j < i)
         const float row_factor[2] = {C[row0 + gid], C[row0 + gid + 8]};
 #pragma unroll
@@ -303,6 +326,8 @@ __device__ __forceinline__ void mask_scores(float (&sc)[8][4], int gw, [[maybe_u
 #pragma unroll
                 for (int e = 0; e < 4; ++e) sc[t][e] *= expf((float)(G[row(e)] - G[col(t, e)]));
     }
+#else
+    mask_to_diagonal([](int, int) { return 1.f; });
 #endif
 }
 
@@ -312,7 +337,7 @@ __device__ __forceinline__ void mask_scores(float (&sc)[8][4], int gw, [[maybe_u
 // G, C and `factored` are chunk_decays' (unused without a gate).
 __device__ __forceinline__ void causal_scores(float (&sc)[8][4], const ELEM* qt, const ELEM* kt, int gw,
                                               [[maybe_unused]] const double* G, [[maybe_unused]] const float* C,
-                                              [[maybe_unused]] bool factored) {
+                                              [[maybe_unused]] int factored) {
     const int lane = threadIdx.x & 31, row0 = gw * 16;
 #pragma unroll
     for (int t = 0; t < 8; ++t)
