@@ -250,9 +250,8 @@ def test_tensor_core_score_decays_match_the_reference_on_each_path(cp: Any, tens
          "regime": "mild", "initial": True, "dtype": "float16", "seed": 16}
     host = _linear_inputs(p)
     rng, shape = np.random.default_rng(16), host["gk"].shape
-    draw = {"spans <= 16": lambda: rng.uniform(-1.0, 0.0, shape), "spans > 16": lambda: rng.uniform(-2.5, -1.5, shape),
-            "growth": lambda: rng.uniform(-1.0, 0.25, shape)}[regime]
-    host["gk"] = draw().astype("float16").astype(np.float64)
+    low, high = {"spans <= 16": (-1.0, 0.0), "spans > 16": (-2.5, -1.5), "growth": (-1.0, 0.25)}[regime]
+    host["gk"] = rng.uniform(low, high, shape).astype("float16").astype(np.float64)
     o_ref, s_ref = causal_scan(**host, form="recurrent")
     tensor_core_calls.clear()
     o, s = causal_scan(**_to_device(cp, host, "float16"), backend="cupy")
