@@ -7,7 +7,10 @@ Run on the GPU machine (PyTorch, Triton and FLA installed)::
 
 Times are medians of CUDA-event timings (``triton.testing.do_bench``, 25 ms warm-up,
 100 ms of repeats) on the same (B, T, H, D) tensors for every implementation; linattn
-reads them through (B, H, T, D) views without copies. Every scan runs with scale 1
+reads them through (B, H, T, D) views without copies. ``do_bench`` waits for the host
+between calls, so where a call's Python takes longer than its kernels (the small shapes)
+it times the host; each row also gets ``gpu_ms``, the GPU time with the host hidden (the
+calls queued behind a GPU sleep, :func:`gpu_ms`). Every scan runs with scale 1
 (FLA's ``scale=1.0``) so that all compute the same function. The floor is the time to
 read q, k, v once and write o once at the measured device-to-device copy bandwidth.
 """
@@ -207,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             record(impl=name, ms=None, note="skipped: time budget", **row)
             return
         try:
-            record(impl=name, ms=median_ms(fn), **row)
+            ms = median_ms(fn)
+            record(impl=name, ms=ms, gpu_ms=gpu_ms(fn, 50 if ms < 2 else 10), **row)
         except Exception as error:  # a peer that rejects a shape or dtype is reported, not fatal
             record(impl=name, ms=None, note=f"{type(error).__name__}: {error}"[:200], **row)
         torch.cuda.empty_cache()
@@ -279,20 +283,22 @@ def print_table(result: dict[str, Any]) -> None:
         if r.get("sweep"):
             continue
         key = (tuple(r["shape"]), r["dtype"], r["op"] if r["impl"] != "floor" else "floor", r["mode"])
-        groups.setdefault(key, {})[r["impl"]] = r["ms"]
-    floors = {(k[0], k[1]): v["floor"] for k, v in groups.items() if k[2] == "floor"}
+        groups.setdefault(key, {})[r["impl"]] = (r["ms"], r.get("gpu_ms"))
+    floors = {(k[0], k[1]): v["floor"][0] for k, v in groups.items() if k[2] == "floor"}
     print(f"{'shape':>18} {'dt':>4} {'op':>11} {'mode':>7} {'linattn':>8} {'peer':>8} {'x peer':>6} {'floor':>7} "
-          f"{'%bw':>5}")
+          f"{'%bw':>5} {'gpu ours':>8} {'gpu peer':>8} {'x gpu':>6}")
+    fmt = lambda v: "       -" if v is None else f"{v:8.3f}"  # noqa: E731
+    ratio = lambda a, b: f"{b / a:6.2f}" if a and b else "     -"  # noqa: E731
     for (shape, dt, op, mode), impls in groups.items():
         if op == "floor":
             continue
-        ours_ms, peer = impls.get("linattn"), impls.get("fla chunk", impls.get("torch sdpa"))
+        ours_ms, ours_gpu = impls.get("linattn", (None, None))
+        peer, peer_gpu = impls.get("fla chunk", impls.get("torch sdpa", (None, None)))
         floor = floors.get((shape, dt))
-        fmt = lambda v: "   -" if v is None else f"{v:8.3f}"  # noqa: E731
-        ratio = f"{peer / ours_ms:6.2f}" if ours_ms and peer else "     -"
         share = f"{100 * floor / ours_ms:5.0f}" if ours_ms and floor and mode == "fwd" else "    -"
-        print(f"{'x'.join(map(str, shape)):>18} {dt:>4} {op:>11} {mode:>7} {fmt(ours_ms)} {fmt(peer)} {ratio} "
-              f"{fmt(floor)} {share}")
+        print(f"{'x'.join(map(str, shape)):>18} {dt:>4} {op:>11} {mode:>7} {fmt(ours_ms)} {fmt(peer)} "
+              f"{ratio(ours_ms, peer)} {fmt(floor)} {share} {fmt(ours_gpu)} {fmt(peer_gpu)} "
+              f"{ratio(ours_gpu, peer_gpu)}")
     print("fp32 relative error, linear:", result.get("fp32_rel_error_linear_16x2048x16x128"))
     print("decode step:", result.get("decode_step"))
 

@@ -126,7 +126,8 @@ class _Torch:
 
     def convert(self, x: Any, dtype: str) -> Any:
         """Return x in ``dtype`` with a contiguous last axis (x itself when it already is)."""
-        x = x.to(getattr(self.torch, dtype))
+        if self.names.get(x.dtype) != dtype:
+            x = x.to(getattr(self.torch, dtype))
         return x.contiguous() if x.shape[-1] > 1 and x.stride(-1) != 1 else x
 
     def ref(self, x: Any) -> Ref:

@@ -222,16 +222,16 @@ def test_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: li
 @pytest.mark.usefixtures("nan_memory", "linear_kernel")
 @pytest.mark.parametrize("gates", ["none", "step"])
 def test_tensor_core_time_segments_match_the_reference(cp: Any, tensor_core_calls: list[bool], gates: str) -> None:
-    host, dev = _long_problem(cp, 3001, "float16", gates)
+    host, dev = _long_problem(cp, 5001, "float16", gates)
     from linattn.backends import _cuda_chunk
 
     plan = _cuda_chunk.linear_plan("float16", 64, 64, gates == "step", cp.cuda.Device().id)
-    assert plan is not None and _cuda_chunk._segments(1, 3001, plan, cp.cuda.Device().id) > 1  # three passes
+    assert plan is not None and _cuda_chunk._segments(1, 5001, plan, cp.cuda.Device().id) > 1  # three passes
     o_ref, s_ref = causal_scan(**host)
     o, s = causal_scan(**dev, backend="cupy")
     assert tensor_core_calls == [True]
-    _check(o, o_ref, "float16", 3001 * 64, "outputs")
-    _check(s, s_ref, "float32", 3001 * 64, "final state")
+    _check(o, o_ref, "float16", 5001 * 64, "outputs")
+    _check(s, s_ref, "float32", 5001 * 64, "final state")
 
 
 @pytest.mark.usefixtures("nan_memory", "linear_kernel")
@@ -387,7 +387,7 @@ def test_reversed_scan_reads_torch_tensors_in_place(cp: Any, tensor_core_calls: 
     torch = _torch_with_cuda()
     from linattn.backends import get_backend
 
-    host, _ = _long_problem(cp, 3001, "float16", gates if gates != "none" else "key")
+    host, _ = _long_problem(cp, 5001, "float16", gates if gates != "none" else "key")
     if gates == "none":
         host["gk"] = None
     elif gates == "step":
@@ -404,13 +404,14 @@ def test_reversed_scan_reads_torch_tensors_in_place(cp: Any, tensor_core_calls: 
     allocated = torch.cuda.max_memory_allocated() - before
     assert tensor_core_calls == ([] if gates == "key" else [True])
     assert gla_tensor_core_calls == ([True] if gates == "key" else [])
-    _check(o.double().cpu().numpy(), o_ref, "float16", 3001 * 64, "outputs")
-    _check(s.double().cpu().numpy(), s_ref, "float32", 3001 * 64, "final state")
+    _check(o.double().cpu().numpy(), o_ref, "float16", 5001 * 64, "outputs")
+    _check(s.double().cpu().numpy(), s_ref, "float32", 5001 * 64, "final state")
     # Flipping would hold copies of q, k and v (3 × q's bytes) besides the output; the
-    # segments' states (at most 2·11 + 1 of 64 × 64 float32 here) take less than one;
+    # segments' states (3·2 + 1 of 64 × 64 float32 here: each of two segments' own, entering
+    # and exit states, and the last) take less than one;
     # P takes two float16 parts of 64 × 64 and a float32 scale per chunk of 64 steps.
     q_bytes = dev["q"].numel() * dev["q"].element_size()
-    p_bytes = math.ceil(3001 / 64) * (2 * 64 * 64 * 2 + 4) if gates == "key" else 0
+    p_bytes = math.ceil(5001 / 64) * (2 * 64 * 64 * 2 + 4) if gates == "key" else 0
     assert allocated < o.numel() * o.element_size() + 2 * q_bytes + p_bytes
 
 
