@@ -85,6 +85,19 @@ def function(source: str, name: str, defines: tuple[tuple[str, Any], ...], share
 
 
 @functools.cache
+def blocks_per_multiprocessor(source: str, name: str, defines: tuple[tuple[str, Any], ...], threads: int,
+                              shared_bytes: int, device: int) -> int:
+    """How many blocks of ``threads`` threads of this kernel one multiprocessor holds at once.
+
+    CUDA's occupancy calculator (``cuOccupancyMaxActiveBlocksPerMultiprocessor``) on the
+    compiled kernel: its registers per thread, the threads and the dynamic shared memory.
+    """
+    kernel = function(source, name, defines, shared_bytes, device)
+    with cupy().cuda.Device(device):
+        return int(_driver().occupancyMaxActiveBlocksPerMultiprocessor(kernel, threads, shared_bytes))
+
+
+@functools.cache
 def device_attribute(device: int, name: str) -> int:
     """A CUDA device attribute, e.g. ``"MultiProcessorCount"``."""
     return int(cupy().cuda.Device(device).attributes[name])

@@ -219,12 +219,23 @@ def _plan(Dk: int, Dv: int, dtype: str, tiles: tuple[int, int], budget: Budget, 
     return None
 
 
-def _segments(n_blocks: int, T: int, device: int) -> int:
-    """How many time segments to run in parallel: enough blocks for two waves, if T allows."""
-    target = 2 * _sm_count(device)
-    if n_blocks >= _sm_count(device) or T < 2 * _MIN_SEGMENT:
+def _segments(n_blocks: int, T: int, sms: int, resident: int) -> int:
+    """How many time segments to run in parallel, where the blocks alone leave multiprocessors idle.
+
+    None (1) where the blocks cover the ``sms`` multiprocessors or T is short; else as
+    many as the device holds blocks for at once (``resident``: multiprocessors times the
+    blocks each holds, by the occupancy calculator). These kernels' blocks are small (a
+    few warps, the state in registers), so a multiprocessor holds several, yet one busy
+    with a block or two already runs near its rate: in float32 at (B, H, T, D) =
+    (1, 96, 8192, 128), whose 192 blocks cover the 132 multiprocessors, 2, 4 or 6 segments
+    took 4.99–5.04 ms against 4.63 for one pass. Where blocks are fewer than
+    multiprocessors, filling the resident slots pays: at (2, 16, 16384, 128), 64 blocks,
+    8 segments took 2.54 ms (4: 3.90, 6: 3.26, 1: 8.88), and at (4, 16, 2048, 128), 128
+    blocks, 4 took 0.67 ms (3: 0.83, 1: 1.13) (H100; ``docs/gpu.rst``, stop 17).
+    """
+    if n_blocks >= sms or T < 2 * _MIN_SEGMENT:
         return 1
-    return max(1, min(math.ceil(target / n_blocks), T // _MIN_SEGMENT))
+    return max(1, min(resident // n_blocks, T // _MIN_SEGMENT))
 
 
 def _geometry(T: int, Dk: int, Dv: int, lead: tuple[int, ...], seg_len: int, ops: list[Operand],
@@ -371,15 +382,20 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any, *, revers
         return None
     acc, itemsize = call.accumulation, cl.itemsize(call.dtype)
     T, Dk, Dv, lead3, n_lead = lay.T, lay.Dk, lay.Dv, lay.lead3, lay.n_lead
-    P = _segments(n_lead * lay.col_blocks, T, call.device)
-    L = math.ceil(T / P)
-    P = math.ceil(T / L)
-
     qo, ko, vo, gko, gvo = (operand(r) for r in call.refs[:5])
-    o, oo = call.output(lay.lead, T, Dv)
     defines = {**lay.defines, "GK_MODE": gk_mode, "HAS_GV": int(gvr is not None),
                "VW": _vector_width([qo, ko, gko if gk_mode == 2 else None], itemsize, Dk, lay.plan.kpt),
                "VWC": _vector_width([vo, gvo], itemsize, Dv, lay.plan.vb)}
+    # The occupancy of the one-pass variant (the passes of a segmented scan hold the same state).
+    one_pass = {**defines, "HAS_SIN": int(call.refs[-1] is not None), "WRITE_O": 1}
+    sms = _sm_count(call.device)
+    resident = sms * cl.blocks_per_multiprocessor("scan.cu", "linear_scan", tuple(sorted(one_pass.items())),
+                                                  lay.plan.threads, 0, call.device)
+    P = _segments(n_lead * lay.col_blocks, T, sms, resident)
+    L = math.ceil(T / P)
+    P = math.ceil(T / L)
+
+    o, oo = call.output(lay.lead, T, Dv)
     run = call.launcher()
 
     def scan(write_o: bool, s_in: int, s_in_strides: list[int], segments: int) -> tuple[Any, int]:
