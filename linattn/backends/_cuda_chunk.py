@@ -213,9 +213,9 @@ def _shared_limit(device: int) -> int:
 
 # Segments are at least this long: the extra passes read k and v once more and cost two
 # more launches, worth it only when each segment has many chunks to walk. Measured on an
-# H100 (bf16, GPU time with the host hidden): at (B, H, T) = (4, 16, 2048), two segments
-# of 1024 steps took 114.7 µs against 98.5 for one pass; at (2, 16, 16384), four of 4096
-# took 321.8 µs against 701.7 (``docs/gpu.rst``, stop 17).
+# H100 (bf16, D = 128, GPU time with the host hidden): at (B, T, H) = (4, 2048, 16), two
+# segments of 1024 steps took 114.7 µs against 98.5 for one pass; at (2, 16384, 16), four
+# of 4096 took 321.8 µs against 701.7 (``docs/gpu.rst``, stop 17).
 _MIN_SEGMENT = 2048
 
 

@@ -226,11 +226,11 @@ def _segments(n_blocks: int, T: int, sms: int, resident: int) -> int:
     many as the device holds blocks for at once (``resident``: multiprocessors times the
     blocks each holds, by the occupancy calculator). These kernels' blocks are small (a
     few warps, the state in registers), so a multiprocessor holds several, yet one busy
-    with a block or two already runs near its rate: in float32 at (B, H, T, D) =
-    (1, 96, 8192, 128), whose 192 blocks cover the 132 multiprocessors, 2, 4 or 6 segments
+    with a block or two already runs near its rate: in float32 at (B, T, H, D) =
+    (1, 8192, 96, 128), whose 192 blocks cover the 132 multiprocessors, 2, 4 or 6 segments
     took 4.99–5.04 ms against 4.63 for one pass. Where blocks are fewer than
-    multiprocessors, filling the resident slots pays: at (2, 16, 16384, 128), 64 blocks,
-    8 segments took 2.54 ms (4: 3.90, 6: 3.26, 1: 8.88), and at (4, 16, 2048, 128), 128
+    multiprocessors, filling the resident slots pays: at (2, 16384, 16, 128), 64 blocks,
+    8 segments took 2.54 ms (4: 3.90, 6: 3.26, 1: 8.88), and at (4, 2048, 16, 128), 128
     blocks, 4 took 0.67 ms (3: 0.83, 1: 1.13) (H100; ``docs/gpu.rst``, stop 17).
     """
     if n_blocks >= sms or T < 2 * _MIN_SEGMENT:
