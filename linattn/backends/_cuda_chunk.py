@@ -28,11 +28,14 @@ from linattn.backends import _cuda_launch as cl
 from linattn.backends import _cuda_scan as cs
 
 # Tests and benchmarks switch these: the tensor-core kernel at all, Hopper's warpgroup
-# kernel (``cuda/chunk_wgmma.cu``) where it applies, and the two-part (hi + lo)
-# intermediates that make the products float32-accurate.
+# kernel (``cuda/chunk_wgmma.cu``) where it applies, the two-part (hi + lo)
+# intermediates that make the products float32-accurate, and one warpgroup per block
+# where that gives more blocks (``_one_warpgroup_where_it_fills``; off: two wherever Dv
+# has the columns).
 ENABLED = True
 WGMMA = True
 SPLIT = True
+NARROW = True
 
 _CHUNK = 64
 _GROUP_WARPS = 4
@@ -228,6 +231,36 @@ def _segments(n_blocks: int, T: int, plan: _ChunkPlan, device: int) -> int:
     return max(1, min(resident // n_blocks, T // _MIN_SEGMENT))
 
 
+def _time_split(n_blocks: int, T: int, plan: Any, device: int) -> tuple[int, int]:
+    """(segments, steps per segment): ``_segments``'s count, each segment whole chunks."""
+    P = _segments(n_blocks, T, plan, device)
+    L = _CHUNK * math.ceil(math.ceil(T / P) / _CHUNK)
+    return math.ceil(T / L), L
+
+
+def _one_warpgroup_where_it_fills(plan: Any, n_lead: int, Dv: int, T: int, device: int) -> Any:
+    """The warpgroup plan with one warpgroup (64 value columns) per block where that runs more blocks.
+
+    Two warpgroups share a block's q and k tiles, which pays where blocks fill the
+    multiprocessors; where they would not, and time segments cannot make up the count
+    (a short T), one warpgroup per block doubles the blocks, up to one per multiprocessor.
+    H100, bf16, GPU time with the host hidden: at (B, T, H, D) = (4, 2048, 16, 128) the
+    linear scan 98.6 -> 62.5 µs, simple GLA 152.2 -> 103.9; at (2, 4096, 16, 128)
+    155.8 -> 118.0 and 247.5 -> 188.6; at (2, 16384, 16, 128), where segments fill the
+    multiprocessors either way, one warpgroup was slower (371.0 against 315.9 µs), as at the
+    shapes whose blocks fill them (``docs/gpu.rst``, stop 17).
+    """
+    if not NARROW or not isinstance(plan, _WarpgroupPlan) or plan.groups == 1:
+        return plan
+    one = _WarpgroupPlan(plan.dkp, 1, plan.gated)
+
+    def blocks(p: _WarpgroupPlan) -> int:
+        n_blocks = n_lead * math.ceil(Dv / p.columns)
+        return n_blocks * _time_split(n_blocks, T, p, device)[0]
+
+    return one if blocks(plan) < blocks(one) <= cs._sm_count(device) else plan
+
+
 def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:
     """The scan of ``causal_scan`` on tensor cores, with no gate or a per-step log-gate (..., T, 1).
 
@@ -250,10 +283,9 @@ def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:
         return None
     lead3 = (1,) * (3 - len(lead)) + lead
     n_lead = math.prod(lead3)
+    plan = _one_warpgroup_where_it_fills(plan, n_lead, Dv, T, call.device)
     col_blocks = math.ceil(Dv / plan.columns)
-    P = _segments(n_lead * col_blocks, T, plan, call.device)
-    L = _CHUNK * math.ceil(math.ceil(T / P) / _CHUNK)
-    P = math.ceil(T / L)
+    P, L = _time_split(n_lead * col_blocks, T, plan, call.device)
     o, oo = call.output(lead, T, Dv)
     defines = {"DKP": plan.dkp, "GROUPS": plan.groups, "ELEM_HALF": int(call.dtype == "float16"),
                "GATED": int(go is not None), "SPLIT": int(SPLIT)}

@@ -286,12 +286,16 @@ def test_tensor_core_single_q_tile_is_exact_deterministic_and_prefix_invariant(c
 
 @pytest.mark.usefixtures("nan_memory")
 @pytest.mark.parametrize("gates", ["none", "step"])
+@pytest.mark.parametrize("narrow", [True, False])
 def test_warpgroup_kernel_is_exact_deterministic_and_prefix_invariant(cp: Any, tensor_core_calls: list[bool],
-                                                                      gates: str) -> None:
+                                                                      monkeypatch: pytest.MonkeyPatch, gates: str,
+                                                                      narrow: bool) -> None:
     """The warpgroup kernel with padded keys (Dk = 96 of 128) and a partial column tile (Dv = 192).
 
-    Two warpgroups share each block's q and k tiles; the second column block has 64 of
-    its 128 columns. T = 1000 (16 chunks, the last partial), GQA and an initial state: the
+    Four leading indices leave multiprocessors idle, so the launcher runs one warpgroup
+    of 64 columns per block (three column blocks); with ``NARROW`` off, two warpgroups
+    share each block's q and k tiles and the second column block has 64 of its 128
+    columns. T = 1000 (16 chunks, the last partial), GQA and an initial state: the
     reference, two runs bitwise equal (a product reading a tile before its copy or its
     writes landed would differ), and a prefix run of whole chunks, bitwise equal to the
     long run's outputs there.
@@ -302,8 +306,11 @@ def test_warpgroup_kernel_is_exact_deterministic_and_prefix_invariant(cp: Any, t
     device = cp.cuda.Device().id
     if cl.compute_capability(device) != "90":
         pytest.skip("warpgroup products (wgmma) need a Hopper GPU (compute capability 9.0)")
+    monkeypatch.setattr(_cuda_chunk, "NARROW", narrow)
     plan = _cuda_chunk.linear_plan("float16", 96, 192, gates == "step", device)
     assert isinstance(plan, _cuda_chunk._WarpgroupPlan) and plan.dkp == 128 and plan.groups == 2
+    run = _cuda_chunk._one_warpgroup_where_it_fills(plan, 4, 192, 1000, device)
+    assert run.groups == (1 if narrow else 2)
     p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 1000, "Dk": 96, "Dv": 192, "gates": gates,
          "regime": "mild", "initial": True, "dtype": "float16", "seed": 15}
     host = _linear_inputs(p)
