@@ -145,6 +145,21 @@ def _check_long_run(cp: Any, scan: Any, host: dict[str, Any], dev: dict[str, Any
                "prefix run vs long run")
 
 
+def _check_long_linear_run(cp: Any, gates: str, Dk: int, Dv: int, seed: int) -> None:
+    """``_check_long_run`` of the linear scan on float16 data, T = 1000, GQA and an initial state.
+
+    T = 1000 is 16 chunks, the last partial; q has two heads per k, v head; the prefix run
+    is ten whole chunks, checked bitwise. ``gates`` is "none" or "step" (a slow decay, so
+    that early steps still matter at the end).
+    """
+    p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 1000, "Dk": Dk, "Dv": Dv, "gates": gates,
+         "regime": "mild", "initial": True, "dtype": "float16", "seed": seed}
+    host = _linear_inputs(p)
+    if host["gk"] is not None:
+        host["gk"] = host["gk"] / 64
+    _check_long_run(cp, causal_scan, host, _to_device(cp, host, "float16"), 640, bitwise_prefix=True)
+
+
 @st.composite
 def tensor_core_problems(draw: Any) -> dict[str, Any]:
     """The calls the tensor-core kernel covers: 16-bit data, no gate or a gate per step, Dk, Dv multiples of 16."""
@@ -275,12 +290,7 @@ def test_tensor_core_single_q_tile_is_exact_deterministic_and_prefix_invariant(c
 
     plan = _cuda_chunk._chunk_plan("float16", 256, 256, _cuda_chunk._shared_limit(cp.cuda.Device().id))
     assert plan is not None and plan.groups == 2 and plan.q_tiles == 1
-    p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 1000, "Dk": 256, "Dv": 256, "gates": gates,
-         "regime": "mild", "initial": True, "dtype": "float16", "seed": 14}
-    host = _linear_inputs(p)
-    if host["gk"] is not None:
-        host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
-    _check_long_run(cp, causal_scan, host, _to_device(cp, host, "float16"), 640, bitwise_prefix=True)  # ten chunks
+    _check_long_linear_run(cp, gates, 256, 256, seed=14)
     assert tensor_core_calls == [True] * 3
 
 
@@ -311,12 +321,7 @@ def test_warpgroup_kernel_is_exact_deterministic_and_prefix_invariant(cp: Any, t
     assert isinstance(plan, _cuda_chunk._WarpgroupPlan) and plan.dkp == 128 and plan.groups == 2
     run = _cuda_chunk._one_warpgroup_where_it_fills(plan, 4, 192, 1000, device)
     assert run.groups == (1 if narrow else 2)
-    p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 1000, "Dk": 96, "Dv": 192, "gates": gates,
-         "regime": "mild", "initial": True, "dtype": "float16", "seed": 15}
-    host = _linear_inputs(p)
-    if host["gk"] is not None:
-        host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
-    _check_long_run(cp, causal_scan, host, _to_device(cp, host, "float16"), 640, bitwise_prefix=True)  # ten chunks
+    _check_long_linear_run(cp, gates, 96, 192, seed=15)
     assert tensor_core_calls == [True] * 3
 
 
