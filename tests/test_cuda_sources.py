@@ -22,6 +22,7 @@ KERNELS = {
     "scan.cu": ["linear_scan", "delta_scan"],
     "chunk_mma.cu": ["chunk_linear_scan"],
     "chunk_wgmma.cu": ["chunk_linear_scan_wg"],
+    "chunk_tf32.cu": ["chunk_linear_scan_tf32"],
     "delta_chunk.cu": ["delta_chunk_prepare", "delta_chunk_scan"],
     "gla_chunk.cu": ["gla_chunk_prepare", "gla_chunk_scan"],
     "segments.cu": ["segment_log_decay", "segment_prefix"],
@@ -42,6 +43,8 @@ def test_the_shared_header_is_inlined_where_it_is_used() -> None:
         assert "#define GEOMETRY_SETUP" in cl._source(name) and "#define LOAD_STATE" in cl._source(name)
     for name in ("chunk_mma.cu", "chunk_wgmma.cu", "delta_chunk.cu"):
         assert "__device__ __forceinline__ int chunk_decays(" in cl._source(name)
+    for name in ("chunk_mma.cu", "chunk_wgmma.cu", "chunk_tf32.cu", "gla_chunk.cu"):
+        assert "#define LINEAR_CHUNK_PARAMS" in cl._source(name) and "void copy16(" in cl._source(name)
     assert "__device__ __forceinline__ u64 tile_descriptor(" in cl._source("chunk_wgmma.cu")
     assert "__device__ __forceinline__ void share_state(" in cl._source("gla_chunk.cu")
 
@@ -101,6 +104,31 @@ def test_warpgroup_plans_fit_and_cover_what_they_should(monkeypatch: pytest.Monk
     monkeypatch.setattr(cl, "compute_capability", lambda device: "80")  # sm_90a code runs on 9.0 alone
     assert cc._warpgroup_plan("bfloat16", 64, 64, False, 0) is None
     assert isinstance(cc.linear_plan("bfloat16", 64, 64, False, 0), cc._LinearPlan)
+
+
+def test_float32_tensor_core_plans_fit_two_blocks_and_cover_what_they_should(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 3xTF32 kernel's plans: ungated float32 with Dk <= 128 and Dk, Dv multiples of 4, widest first.
+
+    Every plan leaves room for two blocks per H100 multiprocessor (228 KiB, 1 KiB of it
+    reserved per block), which is what its occupancy was measured with; anything else is
+    left to the CUDA-core kernel (None), as is everything with ``TF32X3`` off.
+    """
+    from linattn.backends import _cuda_chunk as cc
+
+    monkeypatch.setattr(cc, "_shared_limit", lambda device: 227 * 1024)
+    for Dk, Dv, gated in itertools.product(range(4, 261, 4), range(4, 261, 4), [False, True]):
+        plans = cc._tf32_plans("float32", Dk, Dv, gated, 0)
+        if gated or Dk > 128:
+            assert plans == () and cc.linear_plan("float32", Dk, Dv, gated, 0) is None
+            continue
+        assert plans and cc.linear_plan("float32", Dk, Dv, gated, 0) == plans[0], (Dk, Dv)
+        assert [p.warps for p in plans] == [w for w in (4, 2, 1) if 16 * w < Dv + 16 or w == 1], (Dk, Dv)
+        for plan in plans:
+            assert plan.dkp == 8 * -(-Dk // 8) and 2 * (plan.shared_bytes + 1024) <= 228 * 1024, (Dk, Dv, plan)
+    for dtype, Dk, Dv in [("float32", 6, 8), ("float32", 8, 6), ("float64", 64, 64), ("bfloat16", 4, 4)]:
+        assert cc._tf32_plans(dtype, Dk, Dv, False, 0) == ()
+    monkeypatch.setattr(cc, "TF32X3", False)
+    assert cc.linear_plan("float32", 64, 64, False, 0) is None
 
 
 @pytest.mark.parametrize("module", ["_cuda_delta_chunk", "_cuda_gla_chunk"])

@@ -7,7 +7,8 @@ Run on the GPU machine::
 
 Covers the forward scans (tensor-core and CUDA-core, with and without gates, per step and
 per key, in three passes where T is long; the linear scan's on warpgroup products where the
-GPU has them and on mma.sync; Dk = 256 with one q tile), the reversed scans of
+GPU has them and on mma.sync; Dk = 256 with one q tile; float32 on 3xTF32 products at each
+block width, and on the CUDA cores), the reversed scans of
 the gradients, the delta rule and its gradient kernels (β per step and per value, gates,
 states), on the tensor cores and the CUDA cores. Sizes are small so that the instrumented
 run takes seconds; the results are checked elsewhere (tests/gpu).
@@ -45,6 +46,16 @@ def main() -> None:
     q, k, v = (normal(1, 2, 150, 256, dtype="float16") for _ in range(3))  # Dk = 256: one q tile, two groups
     for gate in (None, -cp.abs(normal(1, 2, 150, 1, dtype="float16")) / 8):
         causal_scan(q, k, v, gk=gate, backend="cupy")
+    # float32 on tensor cores (3xTF32): each block width, padded keys and a partial column
+    # tile, an initial state, three passes; then the CUDA-core kernel with the tensor cores off.
+    for warps in (4, 2, 1):
+        _cuda_chunk._TF32_WARPS = (warps,)
+        q, k, v = normal(1, 2, 150, 100), normal(1, 2, 150, 100), normal(1, 2, 150, 36)
+        causal_scan(q, k, v, initial_state=normal(1, 2, 100, 36), backend="cupy")
+        causal_scan(*(normal(1, 1, 5001, 64) for _ in range(3)), backend="cupy")
+    _cuda_chunk._TF32_WARPS, _cuda_chunk.TF32X3 = (4, 2, 1), False
+    causal_scan(*(normal(1, 2, 150, 64) for _ in range(3)), backend="cupy")
+    _cuda_chunk.TF32X3 = True
     for dtype in ("float16", "float32"):
         q, v, do = normal(2, 2, 70, 64, dtype=dtype), normal(2, 1, 70, 100, dtype=dtype), normal(2, 2, 70, 100,
                                                                                                   dtype=dtype)

@@ -6,7 +6,9 @@ multiples of 8 up to 256 for Dk, and operands whose rows start on 16 bytes. Anyt
 is declined (None) and :func:`linattn.backends._cuda_scan.linear_scan` runs its CUDA-core
 kernel instead. On Hopper GPUs (compute capability 9.0) the kernel on warpgroup products
 (wgmma) runs where Dk <= 128; elsewhere, and at larger Dk, the one on mma.sync. Both
-compute the same arithmetic (two-part intermediates, float32 accumulation).
+compute the same arithmetic (two-part intermediates, float32 accumulation). float32 data
+without a gate and with Dk <= 128 runs ``cuda/chunk_tf32.cu``: every product three TF32
+products of two-part operands (3xTF32), float32-accurate.
 
 Work split: a block of one or two groups of four warps per (leading index, tile of
 value columns, time segment) walks its segment in chunks of 64 steps; the groups share
@@ -36,6 +38,9 @@ ENABLED = True
 WGMMA = True
 SPLIT = True
 NARROW = True
+# float32 data on tensor cores, each product three TF32 products of two-part operands
+# (``cuda/chunk_tf32.cu``, float32-accurate); off: float32 runs on the CUDA-core kernel.
+TF32X3 = True
 
 _CHUNK = 64
 _GROUP_WARPS = 4
@@ -155,8 +160,69 @@ def _warpgroup_plan(dtype: str, Dk: int, Dv: int, gated: bool, device: int) -> _
     return plan if plan.shared_bytes <= _shared_limit(device) else None
 
 
-def linear_plan(dtype: str, Dk: int, Dv: int, gated: bool, device: int) -> _WarpgroupPlan | _LinearPlan | None:
-    """The plan a call runs: the warpgroup kernel's where it applies, else the mma.sync kernel's, or None."""
+@dataclass(frozen=True)
+class _Tf32Plan:
+    """The float32 kernel's tiling: keys padded to 8, warps per block (each owns 16 value columns)."""
+
+    dkp: int
+    warps: int
+
+    @property
+    def columns(self) -> int:
+        return 16 * self.warps
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def shared_bytes(self) -> int:
+        """A chunk of q and k (rows of dkp + 4 words), of v (columns + 4) and of the scores (64 + 8)."""
+        return 4 * _CHUNK * (2 * (self.dkp + 4) + self.columns + 4 + _CHUNK + 8)
+
+
+# The float32 kernel's widths in warps, widest first: a narrower one where the widest
+# leaves multiprocessors idle (``choose_plan``).
+_TF32_WARPS = (4, 2, 1)
+_TF32_MAX_DK = 128
+_TF32_FILL = 0.7
+
+
+def _tf32_plans(dtype: str, Dk: int, Dv: int, gated: bool, device: int) -> tuple[_Tf32Plan, ...]:
+    """The float32 kernel's tilings for these sizes, widest first (empty: not covered).
+
+    It covers float32 data, no gate, Dk <= 128 and Dk, Dv multiples of 4 (rows of 16 bytes).
+    """
+    if not TF32X3 or dtype != "float32" or gated or Dk % 4 or Dv % 4 or Dk > _TF32_MAX_DK:
+        return ()
+    dkp, limit = 8 * math.ceil(Dk / 8), _shared_limit(device)
+    plans = [_Tf32Plan(dkp, w) for w in _TF32_WARPS if 16 * w < Dv + 16 or w == _TF32_WARPS[-1]]
+    return tuple(plan for plan in plans if plan.shared_bytes <= limit)
+
+
+def _tf32_width(plans: tuple[_Tf32Plan, ...], n_lead: int, Dv: int, T: int, device: int) -> _Tf32Plan:
+    """The widest of ``plans`` whose blocks, time segments included, give ``_TF32_FILL`` of the multiprocessors one.
+
+    A narrower block recomputes the chunk's scores per fewer value columns, and each of its
+    warps takes a larger share of them; where time segments can make up the blocks
+    (a long T), the widest runs.
+    """
+    sms = cs._sm_count(device)
+    for plan in plans:
+        n_blocks = n_lead * math.ceil(Dv / plan.columns)
+        if n_blocks * _time_split(n_blocks, T, plan, device)[0] >= _TF32_FILL * sms:
+            return plan
+    return plans[-1]
+
+
+def linear_plan(dtype: str, Dk: int, Dv: int, gated: bool, device: int
+                ) -> _WarpgroupPlan | _LinearPlan | _Tf32Plan | None:
+    """The plan a call runs: the warpgroup kernel's where it applies, else the mma.sync kernel's, or None.
+
+    float32 data: the widest of the float32 kernel's tilings (the launcher may narrow it).
+    """
+    if dtype == "float32":
+        return next(iter(_tf32_plans(dtype, Dk, Dv, gated, device)), None)
     return _warpgroup_plan(dtype, Dk, Dv, gated, device) or _chunk_plan(dtype, Dk, Dv, _shared_limit(device))
 
 
@@ -277,23 +343,29 @@ def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:
     if plan is None or T == 0 or lead is None or len(lead) > 3:
         return None
     qo, ko, vo, go = (cs.operand(r) for r in (qr, kr, vr, gr))
-    # Rows on 16 bytes (8 elements) for cp.async; the gate is read a value at a time. The
-    # output is new and contiguous with Dv % 8 == 0, so its rows are aligned too.
-    if cs._vector_width([qo, ko, vo], 2, 8, 8) != 8:
+    # Rows on 16 bytes for cp.async; the gate is read a value at a time. The output is new
+    # and contiguous with Dv a multiple of the width, so its rows are aligned too.
+    width = 16 // cl.itemsize(call.dtype)
+    if cs._vector_width([qo, ko, vo], cl.itemsize(call.dtype), width, width) != width:
         return None
     lead3 = (1,) * (3 - len(lead)) + lead
     n_lead = math.prod(lead3)
-    plan = _one_warpgroup_where_it_fills(plan, n_lead, Dv, T, call.device)
+    if isinstance(plan, _Tf32Plan):
+        plan = _tf32_width(_tf32_plans(call.dtype, Dk, Dv, False, call.device), n_lead, Dv, T, call.device)
+        defines = {"DKP": plan.dkp, "NW": plan.warps}
+        source, kernel = "chunk_tf32.cu", "chunk_linear_scan_tf32"
+    else:
+        plan = _one_warpgroup_where_it_fills(plan, n_lead, Dv, T, call.device)
+        defines = {"DKP": plan.dkp, "GROUPS": plan.groups, "ELEM_HALF": int(call.dtype == "float16"),
+                   "GATED": int(go is not None), "SPLIT": int(SPLIT)}
+        if isinstance(plan, _WarpgroupPlan):
+            source, kernel = "chunk_wgmma.cu", "chunk_linear_scan_wg"
+        else:
+            source, kernel = "chunk_mma.cu", "chunk_linear_scan"
+            defines |= {"VB": plan.vb, "WM": plan.wm, "Q_SINGLE": int(plan.q_tiles == 1)}
     col_blocks = math.ceil(Dv / plan.columns)
     P, L = _time_split(n_lead * col_blocks, T, plan, call.device)
     o, oo = call.output(lead, T, Dv)
-    defines = {"DKP": plan.dkp, "GROUPS": plan.groups, "ELEM_HALF": int(call.dtype == "float16"),
-               "GATED": int(go is not None), "SPLIT": int(SPLIT)}
-    if isinstance(plan, _WarpgroupPlan):
-        source, kernel = "chunk_wgmma.cu", "chunk_linear_scan_wg"
-    else:
-        source, kernel = "chunk_mma.cu", "chunk_linear_scan"
-        defines |= {"VB": plan.vb, "WM": plan.wm, "Q_SINGLE": int(plan.q_tiles == 1)}
     run = call.launcher()
 
     def scan(write_o: bool, s_in: int, s_in_strides: list[int], segments: int) -> tuple[Any, int]:

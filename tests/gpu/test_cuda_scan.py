@@ -355,6 +355,109 @@ def test_vjp_through_the_tensor_core_kernel_matches_the_reference(cp: Any, tenso
         assert_close(getattr(got, name), want, rtol=rtol, atol=rtol * float(np.max(np.abs(want))), err_msg=name)
 
 
+def _rtol_3xtf32(n: int) -> float:
+    """Relative (to max|o|) tolerance of the float32 tensor-core kernel (``cuda/chunk_tf32.cu``).
+
+    The float32 allowance for the accumulation plus the split products' own error: each
+    product of two-part TF32 operands is within 5·2^-22 = 10 ε (ε of float32) of the
+    exact one (the kernel's header), random in sign over the n = T·Dk terms of an output.
+    """
+    return _rtol("float32", n) + 10 * machine_epsilon("float32") * math.sqrt(n)
+
+
+@st.composite
+def float32_tensor_core_problems(draw: Any) -> dict[str, Any]:
+    """The calls the float32 tensor-core kernel covers: float32 data, no gate, Dk <= 128 (Dk, Dv multiples of 4)."""
+    B, H, G = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    return {
+        "lead_q": (B, H, G), "lead_kv": (B, H, 1), "T": draw(st.integers(1, 300)),
+        "Dk": draw(st.sampled_from((16, 32, 64, 100, 128))), "Dv": draw(st.sampled_from(DIMS)),
+        "gates": "none", "regime": "mild", "initial": draw(st.booleans()), "dtype": "float32",
+        "seed": draw(st.integers(0, 2**31)),
+    }
+
+
+@pytest.fixture(params=[4, 2, 1])
+def tf32_warps(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The float32 tensor-core kernel's block width under test (warps, 16 value columns each), forced."""
+    from linattn.backends import _cuda_chunk
+
+    monkeypatch.setattr(_cuda_chunk, "_TF32_WARPS", (request.param,))
+    return request.param
+
+
+@pytest.mark.usefixtures("nan_memory", "tf32_warps")
+@settings(GPU_SETTINGS, max_examples=20)  # per block width: each example compiles its sizes' variants
+@given(float32_tensor_core_problems())
+def test_float32_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: list[bool],
+                                                          problem: dict[str, Any]) -> None:
+    host = _linear_inputs(problem)
+    o_ref, s_ref = causal_scan(**host, form="recurrent")
+    tensor_core_calls.clear()
+    o, s = causal_scan(**_to_device(cp, host, "float32"), backend="cupy")
+    assert tensor_core_calls == [True]  # this call ran on the 3xTF32 kernel
+    n = problem["T"] * problem["Dk"]
+    rtol = _rtol_3xtf32(n)
+    for got, want, what in ((o, o_ref, "outputs"), (s, s_ref, "final state")):
+        assert_close(got, want, rtol=rtol, atol=rtol * float(np.max(np.abs(want), initial=0.0)),
+                     err_msg=f"{what} of {problem}")
+
+
+@pytest.mark.usefixtures("nan_memory")
+def test_float32_tensor_core_kernel_meets_the_float32_target_deterministically_and_prefix_invariant(
+        cp: Any, tensor_core_calls: list[bool]) -> None:
+    """A long float32 run (T = 4096, D = 128): error <= 1e-5 of max|o| against float64, the GPU issue's target.
+
+    Also: two runs bitwise equal, and a run of the first 2048 steps (32 whole chunks)
+    bitwise equal to the long run's first 2048 outputs.
+    """
+    p = {"lead_q": (1, 2, 1), "lead_kv": (1, 2, 1), "T": 4096, "Dk": 128, "Dv": 128, "gates": "none",
+         "regime": "mild", "initial": True, "dtype": "float32", "seed": 11}
+    host = _linear_inputs(p)
+    dev = _to_device(cp, host, "float32")
+    first, second = (causal_scan(**dev, backend="cupy") for _ in range(2))
+    assert tensor_core_calls == [True, True]
+    assert bool(cp.all(first[0] == second[0])) and bool(cp.all(first[1] == second[1]))
+    o_ref, s_ref = causal_scan(**host)
+    for got, want in ((first[0], o_ref), (first[1], s_ref)):
+        error = float(np.max(np.abs(cp.asnumpy(got) - want)) / np.max(np.abs(want)))
+        assert error <= 1e-5, error
+    short = {n: x if n == "initial_state" or x is None else x[..., :2048, :] for n, x in dev.items()}
+    assert bool(cp.all(causal_scan(**short, backend="cupy")[0] == first[0][..., :2048, :]))
+
+
+@pytest.mark.usefixtures("nan_memory")
+def test_float32_tensor_core_time_segments_and_gradients_match_the_reference(cp: Any,
+                                                                             tensor_core_calls: list[bool]) -> None:
+    """One long head takes the three-pass path; the VJP's scans (forward and reversed) run on the kernel too."""
+    from linattn.backends import _cuda_chunk
+
+    host, dev = _long_problem(cp, 5001, "float32", "none")
+    plan = _cuda_chunk.linear_plan("float32", 64, 64, False, cp.cuda.Device().id)
+    assert isinstance(plan, _cuda_chunk._Tf32Plan) and _cuda_chunk._segments(1, 5001, plan, cp.cuda.Device().id) > 1
+    o_ref, s_ref = causal_scan(**host)
+    o, s = causal_scan(**dev, backend="cupy")
+    assert tensor_core_calls == [True]
+    rtol = _rtol_3xtf32(5001 * 64)
+    assert_close(o, o_ref, rtol=rtol, atol=rtol * float(np.max(np.abs(o_ref))), err_msg="outputs")
+    assert_close(s, s_ref, rtol=rtol, atol=rtol * float(np.max(np.abs(s_ref))), err_msg="final state")
+
+    p = {"lead_q": (2, 2, 2), "lead_kv": (2, 2, 1), "T": 150, "Dk": 64, "Dv": 100, "gates": "none",
+         "regime": "mild", "initial": True, "dtype": "float32", "seed": 7}
+    host = _linear_inputs(p)
+    rng = np.random.default_rng(8)
+    do = rng.standard_normal((*p["lead_q"], p["T"], p["Dv"])).astype(np.float32).astype(np.float64)
+    dfinal = rng.standard_normal((*p["lead_kv"], p["Dk"], p["Dv"]))
+    ref = causal_scan_vjp(**host, do=do, dfinal_state=dfinal, form="recurrent")
+    tensor_core_calls.clear()
+    got = causal_scan_vjp(**_to_device(cp, {**host, "do": do, "dfinal_state": dfinal}, "float32"), backend="cupy")
+    assert tensor_core_calls and all(tensor_core_calls)
+    rtol = _rtol_3xtf32(p["T"] * 128)  # the gradient scans sum over T·max(Dk, Dv) products
+    for name in ("dq", "dk", "dv", "dinitial_state"):
+        want = getattr(ref, name)
+        assert_close(getattr(got, name), want, rtol=rtol, atol=rtol * float(np.max(np.abs(want))), err_msg=name)
+
+
 def _flip(x: np.ndarray | None) -> np.ndarray | None:
     return None if x is None else np.flip(x, axis=-2)
 
