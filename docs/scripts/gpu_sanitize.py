@@ -48,12 +48,13 @@ def main() -> None:
         causal_scan(q, k, v, gk=gate, backend="cupy")
     # float32 on tensor cores (3xTF32): each block width, padded keys and a partial column
     # tile, an initial state, three passes; then the CUDA-core kernel with the tensor cores off.
-    for warps in (4, 2, 1):
+    widths = _cuda_chunk._TF32_WARPS
+    for warps in widths:
         _cuda_chunk._TF32_WARPS = (warps,)
         q, k, v = normal(1, 2, 150, 100), normal(1, 2, 150, 100), normal(1, 2, 150, 36)
         causal_scan(q, k, v, initial_state=normal(1, 2, 100, 36), backend="cupy")
         causal_scan(*(normal(1, 1, 5001, 64) for _ in range(3)), backend="cupy")
-    _cuda_chunk._TF32_WARPS, _cuda_chunk.TF32X3 = (4, 2, 1), False
+    _cuda_chunk._TF32_WARPS, _cuda_chunk.TF32X3 = widths, False
     causal_scan(*(normal(1, 2, 150, 64) for _ in range(3)), backend="cupy")
     _cuda_chunk.TF32X3 = True
     for dtype in ("float16", "float32"):

@@ -182,7 +182,7 @@ class _Tf32Plan:
 
 
 # The float32 kernel's widths in warps, widest first: a narrower one where the widest
-# leaves multiprocessors idle (``choose_plan``).
+# leaves multiprocessors idle (``_tf32_width``).
 _TF32_WARPS = (4, 2, 1)
 _TF32_MAX_DK = 128
 _TF32_FILL = 0.7
@@ -208,11 +208,7 @@ def _tf32_width(plans: tuple[_Tf32Plan, ...], n_lead: int, Dv: int, T: int, devi
     (a long T), the widest runs.
     """
     sms = cs._sm_count(device)
-    for plan in plans:
-        n_blocks = n_lead * math.ceil(Dv / plan.columns)
-        if n_blocks * _time_split(n_blocks, T, plan, device)[0] >= _TF32_FILL * sms:
-            return plan
-    return plans[-1]
+    return next((plan for plan in plans if _blocks(plan, n_lead, Dv, T, device) >= _TF32_FILL * sms), plans[-1])
 
 
 def linear_plan(dtype: str, Dk: int, Dv: int, gated: bool, device: int
@@ -304,6 +300,12 @@ def _time_split(n_blocks: int, T: int, plan: Any, device: int) -> tuple[int, int
     return math.ceil(T / L), L
 
 
+def _blocks(plan: Any, n_lead: int, Dv: int, T: int, device: int) -> int:
+    """The blocks a call launches with ``plan``: leading indices times column tiles times time segments."""
+    n_blocks = n_lead * math.ceil(Dv / plan.columns)
+    return n_blocks * _time_split(n_blocks, T, plan, device)[0]
+
+
 def _one_warpgroup_where_it_fills(plan: Any, n_lead: int, Dv: int, T: int, device: int) -> Any:
     """The warpgroup plan with one warpgroup (64 value columns) per block where that runs more blocks.
 
@@ -319,12 +321,8 @@ def _one_warpgroup_where_it_fills(plan: Any, n_lead: int, Dv: int, T: int, devic
     if not NARROW or not isinstance(plan, _WarpgroupPlan) or plan.groups == 1:
         return plan
     one = _WarpgroupPlan(plan.dkp, 1, plan.gated)
-
-    def blocks(p: _WarpgroupPlan) -> int:
-        n_blocks = n_lead * math.ceil(Dv / p.columns)
-        return n_blocks * _time_split(n_blocks, T, p, device)[0]
-
-    return one if blocks(plan) < blocks(one) <= cs._sm_count(device) else plan
+    wide, narrow = (_blocks(p, n_lead, Dv, T, device) for p in (plan, one))
+    return one if wide < narrow <= cs._sm_count(device) else plan
 
 
 def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:

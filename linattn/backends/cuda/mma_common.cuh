@@ -1,6 +1,7 @@
-// Shared by the tensor-core chunked kernels (chunk_mma.cu, delta_chunk.cu): 16-bit types,
+// Shared by the 16-bit tensor-core chunked kernels (chunk_mma.cu, chunk_wgmma.cu,
+// delta_chunk.cu, gla_chunk.cu): 16-bit types,
 // mma.sync m16n8k16 with float32 accumulation, ldmatrix, two-part (hi + lo)
-// operands, power-of-two scales for float16, and the per-chunk work both kernels repeat —
+// operands, power-of-two scales for float16, and the per-chunk work the kernels repeat —
 // the chunk's cumulative log-gates and decay factors, and the causal decayed scores.
 //
 // The including file defines, before including this: ELEM_HALF (float16, else bfloat16),
