@@ -8,7 +8,7 @@ kernel instead. On Hopper GPUs (compute capability 9.0) the kernel on warpgroup 
 (wgmma) runs where Dk <= 128; elsewhere, and at larger Dk, the one on mma.sync. Both
 compute the same arithmetic (two-part intermediates, float32 accumulation). float32 data
 without a gate and with Dk <= 128 runs ``cuda/chunk_tf32.cu``: every product three TF32
-products of two-part operands (3xTF32), float32-accurate.
+products of two-part operands (3xTF32), float32-accurate, in chunks of 32 steps.
 
 Work split: a block of one or two groups of four warps per (leading index, tile of
 value columns, time segment) walks its segment in chunks of 64 steps; the groups share
@@ -162,7 +162,7 @@ def _warpgroup_plan(dtype: str, Dk: int, Dv: int, gated: bool, device: int) -> _
 
 @dataclass(frozen=True)
 class _Tf32Plan:
-    """The float32 kernel's tiling: keys padded to 8, warps per block (each owns 16 value columns)."""
+    """The float32 kernel's tiling: keys padded to 8, warps per block (each owns 16 value columns); chunks of 32."""
 
     dkp: int
     warps: int
@@ -177,13 +177,23 @@ class _Tf32Plan:
 
     @property
     def shared_bytes(self) -> int:
-        """A chunk of q and k (rows of dkp + 4 words), of v (columns + 4) and of the scores (64 + 8)."""
-        return 4 * _CHUNK * (2 * (self.dkp + 4) + self.columns + 4 + _CHUNK + 8)
+        """A chunk of q and k, hi and lo (rows of dkp + 4 words), of v (columns + 4), of the scores, hi and lo (32 + 8).
+
+        84.5 KiB at Dk = 128 and four warps: two blocks share an H100 multiprocessor, as
+        its registers (up to 255 per thread) allow.
+        """
+        return 4 * _TF32_CHUNK * (4 * (self.dkp + 4) + self.columns + 4 + 2 * (_TF32_CHUNK + 8))
 
 
 # The float32 kernel's widths in warps, widest first: a narrower one where the widest
 # leaves multiprocessors idle (``_tf32_width``).
 _TF32_WARPS = (4, 2, 1)
+# Its chunk: 32 steps, for which its q, k and score tiles fit split into hi and lo beside a
+# second block. H100, GPU time at (B, T, H, D) = (1, 8192, 96, 128), (4, 2048, 16, 128),
+# (16, 2048, 16, 128): 64 steps with the splits made in registers 2.373, 0.503, 1.202 ms;
+# 32 steps 2.117, 0.422, 1.069; with split tiles, two accumulators and the next chunk's
+# loads issued before the outputs' products 1.924, 0.353, 0.958 (``docs/gpu.rst``, stop 19).
+_TF32_CHUNK = 32
 _TF32_MAX_DK = 128
 _TF32_FILL = 0.7
 

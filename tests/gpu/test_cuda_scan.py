@@ -408,7 +408,7 @@ def test_float32_tensor_core_kernel_meets_the_float32_target_deterministically_a
         cp: Any, tensor_core_calls: list[bool]) -> None:
     """A long float32 run (T = 4096, D = 128): error <= 1e-5 of max|o| against float64, the GPU issue's target.
 
-    Also: two runs bitwise equal, and a run of the first 2048 steps (32 whole chunks)
+    Also: two runs bitwise equal, and a run of the first 2048 steps (64 whole chunks)
     bitwise equal to the long run's first 2048 outputs.
     """
     p = {"lead_q": (1, 2, 1), "lead_kv": (1, 2, 1), "T": 4096, "Dk": 128, "Dv": 128, "gates": "none",

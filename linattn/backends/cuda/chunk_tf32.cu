@@ -2,7 +2,7 @@
 //
 //   S_t = S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t
 //
-// For a chunk of C = 64 steps entering with state S, P the chunk's scores q_i . k_j masked
+// For a chunk of C = 32 steps entering with state S, P the chunk's scores q_i . k_j masked
 // to j <= i:
 //
 //   O^T    = S^T Q^T + V^T P^T
@@ -21,15 +21,23 @@
 // by up to 2^-10. The tensor core rounds its float32 accumulation toward zero, a bias that
 // grows with the number of products accumulated into one register; so a chunk's K^T V is
 // accumulated from zero, two blocks of 8 steps at a time, and added to the state by float32
-// additions (rounded to nearest), and no output or score accumulates more than
-// 3 (Dk / 8 + 8) products.
+// additions (rounded to nearest), and the scores and outputs sum the leading products
+// (hi hi) and the cross products (hi lo + lo hi) in two accumulators added at the end: the
+// truncation of each is relative to its own, the cross terms' 2^-10 smaller, sum, and no
+// accumulator takes more than 2 (Dk / 8 + 4) products. (One accumulator for all three
+// terms doubled the outputs' error, 9e-7 -> 1.6e-6 of the largest at T = 4096, Dk = 128.)
 //
 // Work split: one block of NW warps per (leading index, tile of VB = 16 NW value columns,
 // time segment) walks its segment's chunks in order. Warp w owns value columns 16w ..
 // 16w + 15: their state S^T (16 x DKP) in accumulator registers for the whole segment, and
-// their outputs. Per chunk: the warps compute the ten 16 x 16 tiles of P on and below the
-// diagonal between them and share them through shared memory; then each warp forms its
-// columns' O^T = S^T Q^T + V^T P^T and updates its state, S^T += V^T K.
+// their outputs. Per chunk:
+//   1. the block splits the chunk's q and k into hi and lo tiles in shared memory, once
+//      (every warp reads all of them);
+//   2. the warps compute the three 16 x 16 tiles of P on and below the diagonal between
+//      them and store them (hi, lo) in shared memory;
+//   3. each warp forms its columns' S^T Q^T and updates its state, S^T += V^T K;
+//   4. after a barrier (P is complete, and q, k, v are read) the next chunk's loads are
+//      issued, and each warp adds V^T P^T to its outputs and stores them while they land.
 //
 // Fragments. ldmatrix moves 32-bit words only untransposed (.trans swaps 16-bit
 // elements), so it loads the operands whose contracted index runs along a shared-memory
@@ -48,7 +56,7 @@
 // on 16 bytes, and Dk, Dv are multiples of 4 (the launcher checks). A time stride may be
 // negative (a reversed view); a leading stride of 0 broadcasts.
 
-#define CH 64                // chunk length
+#define CH 32                // chunk length
 #define NTHREADS (32 * NW)
 #define VB (16 * NW)         // value columns per block
 #define QKS (DKP + 4)        // row stride of q and k in shared memory, in words (4 mod 8)
@@ -69,6 +77,18 @@ __device__ __forceinline__ void split(float x, u32& hi, u32& lo) {
     lo = __float_as_uint(x - __uint_as_float(hi));
 }
 
+// Four consecutive words of a tile into hi parts (in place) and lo parts (the same place in `lo`).
+__device__ __forceinline__ void split_in_place(float* hi, float* lo) {
+    const float4 x = *reinterpret_cast<const float4*>(hi);
+    uint4 h, l;
+    split(x.x, h.x, l.x);
+    split(x.y, h.y, l.y);
+    split(x.z, h.z, l.z);
+    split(x.w, h.w, l.w);
+    *reinterpret_cast<uint4*>(hi) = h;
+    *reinterpret_cast<uint4*>(lo) = l;
+}
+
 template <int N>
 __device__ __forceinline__ void split(const u32 (&x)[N], u32 (&hi)[N], u32 (&lo)[N]) {
 #pragma unroll
@@ -83,12 +103,23 @@ __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u3
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// d += (a_hi + a_lo)(b_hi + b_lo) without the lo x lo term.
-__device__ __forceinline__ void mma3(float (&d)[4], const u32 (&ah)[4], const u32 (&al)[4], u32 bh0, u32 bh1,
-                                     u32 bl0, u32 bl1) {
-    mma(d, al, bh0, bh1);
-    mma(d, ah, bl0, bl1);
-    mma(d, ah, bh0, bh1);
+// The same into two accumulators, the leading term's and the cross terms': dh += a_hi b_hi,
+// dx += a_lo b_hi + a_hi b_lo (dh + dx is the sum). Two chains of dependent products
+// instead of one, and the small cross terms summed apart from the large, so that the tensor
+// core's truncation of each sum is relative to the smaller of them.
+__device__ __forceinline__ void mma3(float (&dh)[4], float (&dx)[4], const u32 (&ah)[4], const u32 (&al)[4], u32 bh0,
+                                     u32 bh1, u32 bl0, u32 bl1) {
+    mma(dx, al, bh0, bh1);
+    mma(dx, ah, bl0, bl1);
+    mma(dh, ah, bh0, bh1);
+}
+
+template <int N>
+__device__ __forceinline__ void add_into(float (&d)[N][4], const float (&x)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) d[i][e] += x[i][e];
 }
 
 // Four 8 x 4 tiles of 32-bit words (ldmatrix's 8 x 8 tiles of 16-bit values): lane l gives
@@ -108,10 +139,13 @@ __device__ __forceinline__ void ldsm_b(u32 (&b)[4], const float* tile, int row, 
 extern "C" __global__ void __launch_bounds__(NTHREADS)
 chunk_linear_scan_tf32(LINEAR_CHUNK_PARAMS) {
     extern __shared__ __align__(16) unsigned char smem[];
-    float* sq = reinterpret_cast<float*>(smem);  // [CH][QKS]
-    float* sk = sq + CH * QKS;                   // [CH][QKS]
-    float* sv = sk + CH * QKS;                   // [CH][VS]
-    [[maybe_unused]] float* sp = sv + CH * VS;   // [CH][PS]   the scores, masked (tiles on and below the diagonal)
+    float* sqh = reinterpret_cast<float*>(smem);  // [CH][QKS] q, hi parts
+    float* sql = sqh + CH * QKS;                   // [CH][QKS] ... lo parts
+    float* skh = sql + CH * QKS;                   // [CH][QKS] k, hi parts
+    float* skl = skh + CH * QKS;                   // [CH][QKS] ... lo parts
+    float* sv = skl + CH * QKS;                    // [CH][VS]
+    [[maybe_unused]] float* sph = sv + CH * VS;    // [CH][PS] the scores' hi parts, masked (tiles on and below the diagonal)
+    [[maybe_unused]] float* spl = sph + CH * PS;   // [CH][PS] ... lo parts
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int c0 = (blockIdx.x % col_blocks) * VB;
@@ -136,65 +170,78 @@ chunk_linear_scan_tf32(LINEAR_CHUNK_PARAMS) {
             S[nd][e] = x;
         }
 
+    constexpr int ROW_PIECES = DKP / 4, COL_PIECES = VB / 4;  // 16 bytes each
     auto load_chunk = [&](int n) {
         const i64 t0 = t_begin + (i64)n * CH;
-        constexpr int ROW_PIECES = DKP / 4, COL_PIECES = VB / 4;  // 16 bytes each; both tiles are whole rounds
-#pragma unroll 8
-        for (int it = 0; it < CH * ROW_PIECES / NTHREADS; ++it) {
-            const int p = threadIdx.x + it * NTHREADS, r = p / ROW_PIECES, c = (p % ROW_PIECES) * 4;
+#pragma unroll 4
+        for (int p = threadIdx.x; p < CH * ROW_PIECES; p += NTHREADS) {
+            const int r = p / ROW_PIECES, c = (p % ROW_PIECES) * 4;
             const bool ok = t0 + r < t_end && c < Dk;
 #if WRITE_O
-            copy16(sq + r * QKS + c, qb + (ok ? (t0 + r) * qts + c : 0), ok);
+            copy16(sqh + r * QKS + c, qb + (ok ? (t0 + r) * qts + c : 0), ok);
 #endif
-            copy16(sk + r * QKS + c, kb + (ok ? (t0 + r) * kts + c : 0), ok);
+            copy16(skh + r * QKS + c, kb + (ok ? (t0 + r) * kts + c : 0), ok);
         }
-#pragma unroll 8
-        for (int it = 0; it < CH * COL_PIECES / NTHREADS; ++it) {
-            const int p = threadIdx.x + it * NTHREADS, r = p / COL_PIECES, c = (p % COL_PIECES) * 4;
+#pragma unroll 4
+        for (int p = threadIdx.x; p < CH * COL_PIECES; p += NTHREADS) {
+            const int r = p / COL_PIECES, c = (p % COL_PIECES) * 4;
             const bool ok = t0 + r < t_end && c0 + c < Dv;
             copy16(sv + r * VS + c, vb + (ok ? (t0 + r) * vts + c : 0), ok);
         }
         copy_commit();
     };
 
+    if (n_chunks > 0) load_chunk(0);
     for (int n = 0; n < n_chunks; ++n) {
-        load_chunk(n);
         copy_wait();
-        __syncthreads();  // chunk n is in shared memory
+        __syncthreads();  // chunk n is in shared memory, and every warp is done with chunk n - 1's scores
+#pragma unroll 4
+        for (int p = threadIdx.x; p < CH * ROW_PIECES; p += NTHREADS) {
+            const int at = p / ROW_PIECES * QKS + (p % ROW_PIECES) * 4;
+#if WRITE_O
+            split_in_place(sqh + at, sql + at);
+#endif
+            split_in_place(skh + at, skl + at);
+        }
+        __syncthreads();  // q and k are split
 
 #if WRITE_O
-        // The score tiles (r, c), c <= r, numbered row by row (0: (0, 0); 1, 2: (1, 0), (1, 1);
-        // ...), shared out evenly: this warp's are [first, last).
-        const int first = (10 * warp + NW / 2) / NW, last = (10 * (warp + 1) + NW / 2) / NW;
+        // The score tiles (r, c), c <= r, numbered row by row (0: (0, 0); 1, 2: (1, 0), (1, 1)),
+        // shared out evenly: this warp's are [first, last).
+        const int first = (3 * warp + NW / 2) / NW, last = (3 * (warp + 1) + NW / 2) / NW;
         for (int s = first; s < last; ++s) {
-            const int r = s < 1 ? 0 : s < 3 ? 1 : s < 6 ? 2 : 3, c = s - r * (r + 1) / 2;
-            float acc[2][4] = {};
+            const int r = s > 0, c = s - r;
+            float acc[2][4] = {}, accx[2][4] = {};
 #pragma unroll 4
             for (int kk = 0; kk < DKP / 8; ++kk) {
-                u32 a[4], ah[4], al[4], b[4], bh[4], bl[4];
-                ldsm(a, sq + (16 * r + ((lane >> 3) & 1) * 8 + (lane & 7)) * QKS + 8 * kk + (lane >> 4) * 4);
-                ldsm_b(b, sk, 16 * c, 8 * kk);
-                split(a, ah, al);
-                split(b, bh, bl);
-                mma3(acc[0], ah, al, bh[0], bh[1], bl[0], bl[1]);
-                mma3(acc[1], ah, al, bh[2], bh[3], bl[2], bl[3]);
+                u32 ah[4], al[4], bh[4], bl[4];
+                const int at = (16 * r + ((lane >> 3) & 1) * 8 + (lane & 7)) * QKS + 8 * kk + (lane >> 4) * 4;
+                ldsm(ah, sqh + at);
+                ldsm(al, sql + at);
+                ldsm_b(bh, skh, 16 * c, 8 * kk);
+                ldsm_b(bl, skl, 16 * c, 8 * kk);
+                mma3(acc[0], accx[0], ah, al, bh[0], bh[1], bl[0], bl[1]);
+                mma3(acc[1], accx[1], ah, al, bh[2], bh[3], bl[2], bl[3]);
             }
+            add_into(acc, accx);
 #pragma unroll
             for (int h = 0; h < 2; ++h)
 #pragma unroll
                 for (int t = 0; t < 2; ++t) {
                     const int i = 16 * r + gid + 8 * h, j = 16 * c + 8 * t + 2 * tig;
-                    float2 x = make_float2(acc[t][2 * h], acc[t][2 * h + 1]);
-                    if (j > i) x.x = 0.f;  // on the diagonal tile, j <= i only
-                    if (j + 1 > i) x.y = 0.f;
-                    *reinterpret_cast<float2*>(sp + i * PS + j) = x;
+                    const float x0 = j > i ? 0.f : acc[t][2 * h];  // on the diagonal tile, j <= i only
+                    const float x1 = j + 1 > i ? 0.f : acc[t][2 * h + 1];
+                    uint2 hi, lo;
+                    split(x0, hi.x, lo.x);
+                    split(x1, hi.y, lo.y);
+                    *reinterpret_cast<uint2*>(sph + i * PS + j) = hi;
+                    *reinterpret_cast<uint2*>(spl + i * PS + j) = lo;
                 }
         }
-        __syncthreads();  // the scores are in shared memory
 
         // O^T = S^T Q^T (rows: the warp's value columns; columns: the chunk's steps, in OT[it]
         // steps 8 it .. 8 it + 7): the state's fragments are the A fragments as they stand.
-        float OT[8][4] = {};
+        float OT[CH / 8][4] = {}, OTx[CH / 8][4] = {};
 #pragma unroll
         for (int nd = 0; nd < ND; ++nd) {
             const u32 a[4] = {__float_as_uint(S[nd][0]), __float_as_uint(S[nd][2]), __float_as_uint(S[nd][1]),
@@ -202,66 +249,65 @@ chunk_linear_scan_tf32(LINEAR_CHUNK_PARAMS) {
             u32 ah[4], al[4];
             split(a, ah, al);
 #pragma unroll
-            for (int ip = 0; ip < 4; ++ip) {
-                u32 b[4], bh[4], bl[4];
-                ldsm_b(b, sq, 16 * ip, 8 * nd);
-                split(b, bh, bl);
-                mma3(OT[2 * ip], ah, al, bh[0], bh[1], bl[0], bl[1]);
-                mma3(OT[2 * ip + 1], ah, al, bh[2], bh[3], bl[2], bl[3]);
+            for (int ip = 0; ip < CH / 16; ++ip) {
+                u32 bh[4], bl[4];
+                ldsm_b(bh, sqh, 16 * ip, 8 * nd);
+                ldsm_b(bl, sql, 16 * ip, 8 * nd);
+                mma3(OT[2 * ip], OTx[2 * ip], ah, al, bh[0], bh[1], bl[0], bl[1]);
+                mma3(OT[2 * ip + 1], OTx[2 * ip + 1], ah, al, bh[2], bh[3], bl[2], bl[3]);
             }
         }
 #endif
 
-        // V^T P^T into O^T and V^T K into the state, over the chunk's steps 8 at a time, in
-        // pairs: A = V^T (the warp's value columns; steps permuted) serves both.
-#pragma unroll 1
-        for (int jp = 0; jp < 4; ++jp) {
-            u32 vh[2][4], vl[2][4];
+        // A = V^T (the warp's value columns; steps 8 jb .. 8 jb + 7 permuted) serves V^T K
+        // and V^T P^T.
+        u32 vh[CH / 8][4], vl[CH / 8][4];
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const float* vr = sv + (16 * jp + 8 * h + 2 * tig) * VS + cw + gid;
-                const u32 a[4] = {__float_as_uint(vr[0]), __float_as_uint(vr[8]), __float_as_uint(vr[VS]),
-                                  __float_as_uint(vr[VS + 8])};
-                split(a, vh[h], vl[h]);
-            }
-#if WRITE_O
+        for (int jb = 0; jb < CH / 8; ++jb) {
+            const float* vr = sv + (8 * jb + 2 * tig) * VS + cw + gid;
+            const u32 a[4] = {__float_as_uint(vr[0]), __float_as_uint(vr[8]), __float_as_uint(vr[VS]),
+                              __float_as_uint(vr[VS + 8])};
+            split(a, vh[jb], vl[jb]);
+        }
+
+        // V^T K into the state, over the chunk's steps 8 at a time, in pairs. B = K: steps
+        // permuted as V's; register column n holds key 8 nd + n / 2 + 4 (n % 2).
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int jb = 2 * jp + h;
-#pragma unroll
-                for (int it = 0; it < 8; ++it) {
-                    if (it >= jb) {  // P^T is zero above its diagonal blocks
-                        const float2 p = *reinterpret_cast<const float2*>(sp + (8 * it + gid) * PS + 8 * jb + 2 * tig);
-                        u32 bh0, bl0, bh1, bl1;
-                        split(p.x, bh0, bl0);
-                        split(p.y, bh1, bl1);
-                        mma3(OT[it], vh[h], vl[h], bh0, bh1, bl0, bl1);
-                    }
-                }
-            }
-#endif
-            // B = K: steps permuted as V's; register column n holds key 8 nd + n / 2 + 4 (n % 2).
-            const float* kr = sk + (16 * jp + 2 * tig) * QKS + (gid >> 1) + 4 * (gid & 1);
+        for (int jp = 0; jp < CH / 16; ++jp) {
+            const int kr = (16 * jp + 2 * tig) * QKS + (gid >> 1) + 4 * (gid & 1);
 #pragma unroll
             for (int nd = 0; nd < ND; ++nd) {
                 float dS[4] = {};
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    u32 bh0, bl0, bh1, bl1;
-                    split(kr[8 * h * QKS + 8 * nd], bh0, bl0);
-                    split(kr[(8 * h + 1) * QKS + 8 * nd], bh1, bl1);
-                    mma3(dS, vh[h], vl[h], bh0, bh1, bl0, bl1);
+                    const int at = kr + 8 * h * QKS + 8 * nd;
+                    mma3(dS, dS, vh[2 * jp + h], vl[2 * jp + h], __float_as_uint(skh[at]), __float_as_uint(skh[at + QKS]),
+                         __float_as_uint(skl[at]), __float_as_uint(skl[at + QKS]));
                 }
 #pragma unroll
                 for (int e = 0; e < 4; ++e) S[nd][e] += dS[e];
             }
         }
 
+        __syncthreads();  // the scores are in shared memory; every warp is done with chunk n's q, k and v tiles
+        if (n + 1 < n_chunks) load_chunk(n + 1);
+
 #if WRITE_O
+        // V^T P^T into O^T: P^T is zero above its diagonal blocks.
+#pragma unroll
+        for (int jb = 0; jb < CH / 8; ++jb)
+#pragma unroll
+            for (int it = jb; it < CH / 8; ++it) {
+                const int at = (8 * it + gid) * PS + 8 * jb + 2 * tig;
+                const uint2 ph = *reinterpret_cast<const uint2*>(sph + at), pl = *reinterpret_cast<const uint2*>(spl + at);
+                mma3(OT[it], OTx[it], vh[jb], vl[jb], ph.x, ph.y, pl.x, pl.y);
+            }
+        add_into(OT, OTx);
+
         {  // The warp's outputs: element e of OT[it] is step 8 it + 2 tig + e % 2, column cw + gid + 8 (e / 2).
             const i64 t0 = t_begin + (i64)n * CH;
 #pragma unroll
-            for (int it = 0; it < 8; ++it)
+            for (int it = 0; it < CH / 8; ++it)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int i = 8 * it + 2 * tig + (e & 1), c = state_col(e);
@@ -269,7 +315,6 @@ chunk_linear_scan_tf32(LINEAR_CHUNK_PARAMS) {
                 }
         }
 #endif
-        __syncthreads();  // every warp is done with chunk n's tiles
     }
 
     // The exit state: s_out[lead][segment][Dk][Dv].
