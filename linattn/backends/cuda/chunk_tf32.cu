@@ -277,7 +277,7 @@ chunk_linear_scan_tf32(LINEAR_CHUNK_PARAMS) {
             const int kr = (16 * jp + 2 * tig) * QKS + (gid >> 1) + 4 * (gid & 1);
 #pragma unroll
             for (int nd = 0; nd < ND; ++nd) {
-                float dS[4] = {};
+                float dS[4] = {};  // one accumulator: six products, then a float32 addition to the state
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const int at = kr + 8 * h * QKS + 8 * nd;
