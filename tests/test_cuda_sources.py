@@ -161,6 +161,19 @@ def test_gla_plans_sum_the_log_gates_over_whole_steps() -> None:
             assert plan.segments == 64 or 2 * plan.segments * pairs > plan.threads, (Dk, Dv, plan)  # the most
 
 
+def test_gla_scan_forms_each_chunks_decays_once_per_leading_index_at_dk_128() -> None:
+    """Dk = Dv = 128: one block of two groups takes all 128 value columns (each tile held once fits), so the
+    chunk's decayed queries and keys are formed once per leading index where the blocks fill the GPU."""
+    from linattn.backends import _cuda_gla_chunk as gc
+
+    plans = gc._scan_plans("bfloat16", 128, 128, 227 * 1024)
+    assert [(p.vb, p.groups) for p in plans][:2] == [(64, 2), (32, 2)]
+    second_v_and_p = 2 * gc._CHUNK * (128 + 8) + 2 * 2 * gc._CHUNK * (gc._CHUNK + 8)  # bytes: v, P's two parts
+    assert plans[0].shared_bytes <= 227 * 1024 < plans[0].shared_bytes + second_v_and_p
+    assert gc.choose_plan(plans, 256, 128, 132, gc._FILL).columns == 128  # (16, 2048, 16, 128), (4, 4096, 64, 128)
+    assert gc.choose_plan(plans, 96, 128, 132, gc._FILL).columns == 128  # (1, 8192, 96, 128): 96 blocks, one wave
+
+
 def test_delta_tensor_core_tiles_narrow_when_the_leading_indices_are_few() -> None:
     """Wide tiles while they fill the multiprocessors, narrower ones (more blocks) when they would not."""
     from linattn.backends import _cuda_delta_chunk as dc

@@ -50,26 +50,26 @@ class _GlaPlan(_ChunkPlan):
 
 
 def _scan_shared_bytes(dkp: int, columns: int, groups: int, segments: int) -> int:
-    """The scan's shared memory: q, k, g as stored; decayed q, k; v and P twice; the state; gates.
+    """The scan's shared memory: q, k, g as stored; decayed q, k; v and P; the state; gates.
 
-    The decayed q and k, P and the state have two parts each. The gates: each segment's
-    sums of the log-gates per key (float64), e^{G_C} per key (float32), and a maximum per
-    warp.
+    The decayed q and k, P and the state have two parts each; every tile is held once
+    (224.5 KiB at Dk = 128 and 128 value columns). The gates, float32: each segment's
+    product of the factors e^{g} per key, e^{G_C} per key, and a maximum per warp.
     """
     qk, vs, p = dkp + 8, columns + 8, _CHUNK + 8
-    elements = 7 * _CHUNK * qk + 2 * _CHUNK * vs + 4 * _CHUNK * p + 2 * dkp * vs
-    return 2 * elements + 8 * segments * dkp + 4 * dkp + 4 * _GROUP_WARPS * groups
+    elements = 7 * _CHUNK * qk + _CHUNK * vs + 2 * _CHUNK * p + 2 * dkp * vs
+    return 2 * elements + 4 * segments * dkp + 4 * dkp + 4 * _GROUP_WARPS * groups
 
 
 def _prepare_shared_bytes(dkp: int) -> int:
     """The preparation's shared memory: q, k, g as stored, the decayed queries and keys, P, gates.
 
     The decayed queries and keys (112 rows each) have two parts; P is float32 (64 × 68);
-    the gates: each 8-step half block's log-decay per key (float64) and four flags;
+    the gates: each 8-step half block's product of e^{g} per key (float32) and four flags;
     sixteen maxima. e^{g} (float32) and the diagonal blocks' partial scores reuse the decayed
     operands' space.
     """
-    return 2 * (3 * _CHUNK + 4 * 112) * (dkp + 8) + 4 * _CHUNK * (_CHUNK + 4) + 8 * 8 * dkp + 4 * 4 + 4 * 16
+    return 2 * (3 * _CHUNK + 4 * 112) * (dkp + 8) + 4 * _CHUNK * (_CHUNK + 4) + 4 * 8 * dkp + 4 * 4 + 4 * 16
 
 
 @functools.cache

@@ -40,3 +40,5 @@ __device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
 
 __device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+// Every group but the last committed (which may still be in flight).
+__device__ __forceinline__ void copy_wait_but_last() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }

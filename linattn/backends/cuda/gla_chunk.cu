@@ -18,14 +18,19 @@
 // step, e^{G_i - G_j} = e^{Γ_i} e^{-Γ_j}, whose second factor is >= 1: it is used where
 // every |Γ| <= 30 (8 for float16, and k e^{-Γ} must fit the type), as it is for gates of
 // GLA's size; a block with stronger gates sums its 136 scores on the CUDA cores instead,
-// with e^{G_i - G_j} = prod_{j < t <= i} e^{g_t}, a product of at most 15 factors <= 1. The
-// log-decays are summed in float64. P is stored in two parts (64 x 64 per chunk).
+// with e^{G_i - G_j} = prod_{j < t <= i} e^{g_t}, a product of at most 15 factors <= 1.
+// P is stored in two parts (64 x 64 per chunk).
+//
+// Both kernels form every decay as a product of the steps' factors e^{g_t} (an expf per
+// step and key, then running products forwards and backwards), never as the exponential
+// of a difference of cumulative sums: a product of factors cancels no digits (a difference
+// of two long float32 sums would lose a mild gate's digits behind a strong one), and over a
+// chunk it is within 64 roundings of float32 (plus expf's two ulp per factor) of the exact
+// decay, far inside the two-part operands' 2^-16 (and float16's 2^-22).
 //
 // gla_chunk_scan walks each (leading index, tile of value columns) through its chunks in
 // order, the state in registers. Per chunk it forms q ⊙ e^{G} and k ⊙ e^{G_C - G} in shared
-// memory (the cumulative log-gates in float64, a thread per key: a difference of two long
-// float32 sums would lose a mild gate's digits behind a strong one), then O = (q ⊙ e^{G}) S,
-// O += P V, and the update.
+// memory, then O = (q ⊙ e^{G}) S, O += P V, and the update.
 //
 // Precision, as in chunk_mma.cu: q, k and v enter the products as stored; every
 // intermediate that enters a product — the decayed queries and keys, P, the state — is
@@ -103,7 +108,7 @@ gla_chunk_prepare(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
     ELEM* skh = sql + QROWS * QKS;               // [KROWS][QKS]  decayed keys, two parts
     ELEM* skl = skh + KROWS * QKS;
     float* sp = reinterpret_cast<float*>(skl + KROWS * QKS);  // [CH][FS]  P
-    double* shalf = reinterpret_cast<double*>(sp + CH * FS);  // [4][2][DKP] each half block's log-decay per key
+    float* shalf = sp + CH * FS;                  // [4][2][DKP]   each half block's product of e^{g} per key
     int* smild = reinterpret_cast<int*>(shalf + 8 * DKP);     // [4]       whether a diagonal block is factored
     [[maybe_unused]] float* sred = reinterpret_cast<float*>(smild + 4);  // [16] per-warp max |P|
     float* sa = reinterpret_cast<float*>(sqh);   // [CH][AS]      e^{g}, once the products are done
@@ -122,67 +127,76 @@ gla_chunk_prepare(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
     copy_wait();
     __syncthreads();
 
-    // The decayed operands, keys (d, d+1) of half h (8 steps) of block b by one thread: each
-    // half block's log-decay, then with β_b block b's and Γ_i the log-decay from the block's
-    // first step to i (float64), the queries q_i e^{Γ_i} e^{β_{c+1} + ... + β_{b-1}} against
-    // each earlier block c, the keys k_j e^{β_b - Γ_j} to the block's last step, and the keys
-    // k_j e^{-Γ_j} of the diagonal. (Two threads per block and pair of keys: sixteen warps
-    // hide the latency of the exponentials and float64 sums that one thread chains.)
+    // The decayed operands, keys (d, d+1) of half h (8 steps) of block b by one thread, from
+    // the steps' factors a_t = e^{g_t}: each half block's product of them, then with e^{β_b}
+    // block b's product and e^{Γ_i} = a_{16b} ... a_i the decay from the block's first step
+    // to i (a running product), the queries q_i e^{Γ_i} e^{β_{c+1} + ... + β_{b-1}} against
+    // each earlier block c, the keys k_j e^{-Γ_j} of the diagonal, and (a running product
+    // backwards) the keys k_j e^{β_b - Γ_j} = k_j a_{j+1} ... a_{16b+15} to the block's last
+    // step. Products of factors, not differences of sums: no digits cancel, and each decay is
+    // within a few float32 roundings per step of e^{G_i - G_j}. (Two threads per block and pair
+    // of keys: sixteen warps hide the latency of the exponentials that one thread chains.)
     const int d = 2 * (threadIdx.x % (DKP / 2)), bh = threadIdx.x / (DKP / 2), b = bh & 3, h = bh >> 2;
-    // Block c's log-decay of key d + x (x = 0, 1): the sum of its two halves'.
-    auto block_log_decay = [&](int c, int x) { return shalf[2 * c * DKP + d + x] + shalf[(2 * c + 1) * DKP + d + x]; };
+    // e^{β_c} of key d + x (x = 0, 1): the product of its two halves'.
+    auto block_decay = [&](int c, int x) { return shalf[2 * c * DKP + d + x] * shalf[(2 * c + 1) * DKP + d + x]; };
+    float a0[8], a1[8];  // this thread's steps' factors e^{g}
     if (bh < 8) {
-        double s0 = 0.0, s1 = 0.0;
+        float p0 = 1.f, p1 = 1.f;
 #pragma unroll
-        for (int jj = 8 * h; jj < 8 * h + 8; ++jj) {
-            const float2 gv = pair_at(sg, (16 * b + jj) * QKS + d);
-            s0 += (double)gv.x;
-            s1 += (double)gv.y;
+        for (int i = 0; i < 8; ++i) {
+            const float2 gv = pair_at(sg, (16 * b + 8 * h + i) * QKS + d);
+            a0[i] = expf(gv.x);
+            a1[i] = expf(gv.y);
+            p0 *= a0[i];
+            p1 *= a1[i];
         }
-        shalf[(2 * b + h) * DKP + d] = s0;
-        shalf[(2 * b + h) * DKP + d + 1] = s1;
+        *reinterpret_cast<float2*>(shalf + (2 * b + h) * DKP + d) = make_float2(p0, p1);
     }
     __syncthreads();
     if (bh < 8) {
         float F0[3], F1[3];  // e^{β_{c+1} + ... + β_{b-1}} for c < b
 #pragma unroll
         for (int c = 0; c < 3; ++c) {
-            double e0 = 0.0, e1 = 0.0;
+            F0[c] = F1[c] = 1.f;
             for (int cc = c + 1; cc < b; ++cc) {
-                e0 += block_log_decay(cc, 0);
-                e1 += block_log_decay(cc, 1);
+                F0[c] *= block_decay(cc, 0);
+                F1[c] *= block_decay(cc, 1);
             }
-            F0[c] = expf((float)e0);
-            F1[c] = expf((float)e1);
         }
-        const double beta0 = block_log_decay(b, 0), beta1 = block_log_decay(b, 1);
-        const float eb0 = expf((float)beta0), eb1 = expf((float)beta1);
-        double G0 = h ? shalf[2 * b * DKP + d] : 0.0, G1 = h ? shalf[2 * b * DKP + d + 1] : 0.0;  // the first half's
+        // The factored diagonal where every e^{Γ} is within [e^{-MILD}, e^{MILD}] (its
+        // reciprocal then neither overflows nor loses digits to the fast division).
+        const float mild_high = expf(MILD), mild_low = expf(-MILD);
+        float e0 = h ? shalf[2 * b * DKP + d] : 1.f, e1 = h ? shalf[2 * b * DKP + d + 1] : 1.f;  // the first half's
         bool mild = true;
-#pragma unroll 4
-        for (int jj = 8 * h; jj < 8 * h + 8; ++jj) {
-            const int at = (16 * b + jj) * QKS + d;
-            const float2 gv = pair_at(sg, at), qv = pair_at(sq, at), kv = pair_at(sk, at);
-            G0 += (double)gv.x;
-            G1 += (double)gv.y;
-            const float e0 = expf((float)G0), e1 = expf((float)G1);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int jj = 8 * h + i, at = (16 * b + jj) * QKS + d;
+            const float2 qv = pair_at(sq, at), kv = pair_at(sk, at);
+            e0 *= a0[i];
+            e1 *= a1[i];
 #pragma unroll
             for (int c = 0; c < 3; ++c)
                 if (c < b)
                     split_pair(sqh, sql, (query_rows(c) + 16 * (b - c - 1) + jj) * QKS + d, qv.x * e0 * F0[c],
                                qv.y * e1 * F1[c]);
             if (b == 0) split_pair(sqh, sql, (96 + jj) * QKS + d, qv.x * e0, qv.y * e1);
-            // e^{-Γ} as 1 / e^{Γ}, and e^{β - Γ} = e^{β} / e^{Γ}, where |β|, |Γ| <= MILD (no overflow).
-            const bool mild0 = fabs(G0) <= MILD && fabs(beta0) <= MILD, mild1 = fabs(G1) <= MILD && fabs(beta1) <= MILD;
-            const float r0 = 1.f / e0, r1 = 1.f / e1;
-            if (b < 3)
-                split_pair(skh, skl, at, kv.x * (mild0 ? eb0 * r0 : expf((float)(beta0 - G0))),
-                           kv.y * (mild1 ? eb1 * r1 : expf((float)(beta1 - G1))));
-            const float x = kv.x * r0, y = kv.y * r1;
-            mild = mild && mild0 && mild1 && fabsf(x) < ELEM_MAX && fabsf(y) < ELEM_MAX;
+            const float x = kv.x * __fdividef(1.f, e0), y = kv.y * __fdividef(1.f, e1);
+            mild = mild && e0 >= mild_low && e0 <= mild_high && e1 >= mild_low && e1 <= mild_high &&
+                   fabsf(x) < ELEM_MAX && fabsf(y) < ELEM_MAX;
             split_pair(skh, skl, (48 + 16 * b + jj) * QKS + d, x, y);
         }
         if (!mild) smild[b] = 0;  // (every writer writes 0)
+        if (b < 3) {
+            float s0 = h ? 1.f : shalf[(2 * b + 1) * DKP + d], s1 = h ? 1.f : shalf[(2 * b + 1) * DKP + d + 1];
+#pragma unroll
+            for (int i = 7; i >= 0; --i) {
+                const int at = (16 * b + 8 * h + i) * QKS + d;
+                const float2 kv = pair_at(sk, at);
+                split_pair(skh, skl, at, kv.x * s0, kv.y * s1);
+                s0 *= a0[i];
+                s1 *= a1[i];
+            }
+        }
     }
     __syncthreads();
     const bool all_mild = smild[0] && smild[1] && smild[2] && smild[3];
@@ -335,13 +349,13 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
     ELEM* sql = sqh + CH * QKS;
     ELEM* skh = sql + CH * QKS;                             // [CH][QKS]   k ⊙ e^{G_C - G}, two parts
     ELEM* skl = skh + CH * QKS;
-    ELEM* sv = skl + CH * QKS;                              // [2][CH][VS]
-    ELEM* sph = sv + 2 * CH * VS;                           // [2][CH][PS] P, two parts
-    ELEM* spl = sph + 2 * CH * PS;
-    ELEM* shi = spl + 2 * CH * PS;                          // [DKP][VS]   the entering state, two parts
+    ELEM* sv = skl + CH * QKS;                              // [CH][VS]    v
+    ELEM* sph = sv + CH * VS;                               // [CH][PS]    P, two parts
+    ELEM* spl = sph + CH * PS;
+    ELEM* shi = spl + CH * PS;                              // [DKP][VS]   the entering state, two parts
     ELEM* slo = shi + DKP * VS;
-    double* spart = reinterpret_cast<double*>(slo + DKP * VS);  // [SEGS][DKP] log-gate sums per segment
-    float* sdec = reinterpret_cast<float*>(spart + SEGS * DKP); // [DKP]       e^{G_C}
+    float* spart = reinterpret_cast<float*>(slo + DKP * VS);    // [SEGS][DKP] each segment's product of e^{g}
+    float* sdec = spart + SEGS * DKP;                           // [DKP]       e^{G_C}
     [[maybe_unused]] float* sred = sdec + DKP;                  // [NWARPS]    per-warp max |S|
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
@@ -377,20 +391,26 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
                 S[mt][nt][e] = x;
             }
 
-    // q, k and g of chunk n as stored; v and P of chunk n into buffer `buf`.
-    auto load_chunk = [&](int n, int buf) {
+    // Chunk n's copies in two groups: q, k and g as stored (free once the chunk before has
+    // formed its decayed tiles), then v and P (free once it has made its products). Each
+    // arrives while the chunk before computes, in one buffer.
+    auto load_gates = [&](int n) {
         const i64 t0 = (i64)n * CH;
         stage_tile<CH, DKP, NTHREADS>(sq, QKS, qb + t0 * qts, qts, T - t0, Dk);
         stage_tile<CH, DKP, NTHREADS>(sk, QKS, kb + t0 * kts, kts, T - t0, Dk);
         stage_tile<CH, DKP, NTHREADS>(sg, QKS, gb + t0 * gts, gts, T - t0, Dk);
-        stage_tile<CH, VBB, NTHREADS>(sv + buf * CH * VS, VS, vb + t0 * vts, vts, T - t0, Dv - c0);
-        stage_tile<CH, CH, NTHREADS>(sph + buf * CH * PS, PS, phb + (i64)n * CH * CH, CH, CH, CH);
-        stage_tile<CH, CH, NTHREADS>(spl + buf * CH * PS, PS, plb + (i64)n * CH * CH, CH, CH, CH);
+        copy_commit();
+    };
+    auto load_values = [&](int n) {
+        stage_tile<CH, VBB, NTHREADS>(sv, VS, vb + (i64)n * CH * vts, vts, T - (i64)n * CH, Dv - c0);
+        stage_tile<CH, CH, NTHREADS>(sph, PS, phb + (i64)n * CH * CH, CH, CH, CH);
+        stage_tile<CH, CH, NTHREADS>(spl, PS, plb + (i64)n * CH * CH, CH, CH, CH);
         copy_commit();
     };
 
     float state_scale = 1.f;  // the shared state holds S * state_scale
-    load_chunk(0, 0);
+    load_gates(0);
+    load_values(0);
 #if SCALED
     {
         const float m = state_max(S);  // a warp-wide reduction: every lane takes part
@@ -401,58 +421,74 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
 #endif
     share_state(S, state_scale, shi, slo, VS, d_base, c_base, true);
 
-    // The cumulative log-gates: thread (seg, keys d, d+1) over steps [seg CH / SEGS, (seg + 1) CH / SEGS).
+    // The decays: thread (seg, keys d, d+1) over steps [seg CH / SEGS, (seg + 1) CH / SEGS).
     const int key = 2 * (threadIdx.x % (DKP / 2)), seg = threadIdx.x / (DKP / 2);
     const bool gate_thread = seg < SEGS;
     constexpr int SEG_ROWS = CH / SEGS;
 
     for (int n = 0; n < n_chunks; ++n) {
-        const int buf = n & 1;
         const i64 t0 = (i64)n * CH;
-        copy_wait();
-        __syncthreads();  // chunk n is in shared memory, and so is the state entering it
+        copy_wait_but_last();
+        __syncthreads();  // chunk n's q, k and g are in shared memory, and so is the state entering it
 
-        // q ⊙ e^{G} and k ⊙ e^{G_C - G} in two parts; e^{G_C}.
+        // q ⊙ e^{G} and k ⊙ e^{G_C - G} in two parts; e^{G_C}. The decays are products of the
+        // steps' factors a_t = e^{g_t}: e^{G_i} = a_0 ... a_i forward, e^{G_C - G_j} = a_{j+1} ... a_{C-1}
+        // backward, each thread over its segment's rows from the products of the segments before
+        // and after it. First each a_t, kept (as float32) in the slots of skh and skl that this
+        // thread fills last, and each segment's product.
+        float part0 = 1.f, part1 = 1.f;
         if (gate_thread) {
-            double part0 = 0.0, part1 = 0.0;
-#pragma unroll
-            for (int r = 0; r < SEG_ROWS; ++r) {
-                const float2 x = pair_at(sg, (seg * SEG_ROWS + r) * QKS + key);
-                part0 += (double)x.x;
-                part1 += (double)x.y;
-            }
-            spart[seg * DKP + key] = part0;
-            spart[seg * DKP + key + 1] = part1;
-        }
-        __syncthreads();
-        if (gate_thread) {
-            double G0 = 0.0, G1 = 0.0, total0 = 0.0, total1 = 0.0;
-#pragma unroll
-            for (int s = 0; s < SEGS; ++s) {
-                const double x0 = spart[s * DKP + key], x1 = spart[s * DKP + key + 1];
-                total0 += x0;
-                total1 += x1;
-                if (s < seg) {
-                    G0 += x0;
-                    G1 += x1;
-                }
-            }
-            if (seg == 0) *reinterpret_cast<float2*>(sdec + key) = make_float2(expf((float)total0), expf((float)total1));
 #pragma unroll 4
             for (int r = 0; r < SEG_ROWS; ++r) {
                 const int at = (seg * SEG_ROWS + r) * QKS + key;
-                const float2 gv = pair_at(sg, at), qv = pair_at(sq, at), kv = pair_at(sk, at);
-                G0 += (double)gv.x;
-                G1 += (double)gv.y;
-                split_pair(sqh, sql, at, qv.x * expf((float)G0), qv.y * expf((float)G1));
-                split_pair(skh, skl, at, kv.x * expf((float)(total0 - G0)), kv.y * expf((float)(total1 - G1)));
+                const float2 x = pair_at(sg, at);
+                const float a0 = expf(x.x), a1 = expf(x.y);
+                *reinterpret_cast<float*>(skh + at) = a0;
+                *reinterpret_cast<float*>(skl + at) = a1;
+                part0 *= a0;
+                part1 *= a1;
+            }
+            *reinterpret_cast<float2*>(spart + seg * DKP + key) = make_float2(part0, part1);
+        }
+        __syncthreads();
+        if (gate_thread) {
+            float before0 = 1.f, before1 = 1.f, after0 = 1.f, after1 = 1.f;
+#pragma unroll
+            for (int s = 0; s < SEGS; ++s) {
+                const float2 x = *reinterpret_cast<const float2*>(spart + s * DKP + key);
+                if (s < seg) {
+                    before0 *= x.x;
+                    before1 *= x.y;
+                } else if (s > seg) {
+                    after0 *= x.x;
+                    after1 *= x.y;
+                }
+            }
+            if (seg == 0) *reinterpret_cast<float2*>(sdec + key) = make_float2(part0 * after0, part1 * after1);
+#pragma unroll 4
+            for (int r = 0; r < SEG_ROWS; ++r) {
+                const int at = (seg * SEG_ROWS + r) * QKS + key;
+                before0 *= *reinterpret_cast<const float*>(skh + at);
+                before1 *= *reinterpret_cast<const float*>(skl + at);
+                const float2 qv = pair_at(sq, at);
+                split_pair(sqh, sql, at, qv.x * before0, qv.y * before1);
+            }
+#pragma unroll 4
+            for (int r = SEG_ROWS - 1; r >= 0; --r) {
+                const int at = (seg * SEG_ROWS + r) * QKS + key;
+                const float a0 = *reinterpret_cast<const float*>(skh + at), a1 = *reinterpret_cast<const float*>(skl + at);
+                const float2 kv = pair_at(sk, at);
+                split_pair(skh, skl, at, kv.x * after0, kv.y * after1);
+                after0 *= a0;
+                after1 *= a1;
             }
         }
-        __syncthreads();  // the decayed tiles are whole; the stored q, k, g are free
-        if (n + 1 < n_chunks) load_chunk(n + 1, buf ^ 1);
-        const ELEM* vt = sv + buf * CH * VS;
-        const ELEM* pht = sph + buf * CH * PS;
-        const ELEM* plt = spl + buf * CH * PS;
+        copy_wait();
+        __syncthreads();  // the decayed tiles are whole, v and P are in; the stored q, k, g are free
+        if (n + 1 < n_chunks) load_gates(n + 1);
+        const ELEM* vt = sv;
+        const ELEM* pht = sph;
+        const ELEM* plt = spl;
 
         // O = (q ⊙ e^{G}) (S s): this warp's 16 rows, three products of two parts each.
         float O[ONT][4];
@@ -538,8 +574,9 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
             if (lane == 0) sred[warp] = m;
         }
 #endif
-        __syncthreads();  // every warp is done with the shared state and the decayed tiles
+        __syncthreads();  // every warp is done with the shared state, the decayed tiles, v and P
         if (n + 1 < n_chunks) {
+            load_values(n + 1);
 #if SCALED
             state_scale = pow2_scale(max_of<NWARPS>(sred));
 #endif
