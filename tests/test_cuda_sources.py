@@ -150,7 +150,7 @@ def test_tensor_core_plans_fit_and_cover_the_columns(module: str) -> None:
         assert [p.columns for p in plans] == sorted((p.columns for p in plans), reverse=True)
 
 
-def test_gla_plans_sum_the_log_gates_over_whole_steps() -> None:
+def test_gla_plans_form_the_decays_over_whole_steps() -> None:
     """The scan's threads per pair of keys divide the chunk's 64 steps and fit the block with every pair."""
     from linattn.backends import _cuda_gla_chunk as gc
 

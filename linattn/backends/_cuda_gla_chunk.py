@@ -41,7 +41,7 @@ class _GlaPlan(_ChunkPlan):
 
     @property
     def segments(self) -> int:
-        """Threads per pair of keys summing the log-gates: the largest power of two that fits the block (≤ 64 steps)."""
+        """Threads per pair of keys forming the decays: the largest power of two that fits the block (≤ 64 steps)."""
         return min(_CHUNK, 1 << int(math.log2(self.threads // (self.dkp // 2))))
 
     @property

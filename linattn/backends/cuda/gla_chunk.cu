@@ -43,7 +43,7 @@
 // Compile-time parameters (-D): ELEM_HALF (float16, else bfloat16), DKP (keys padded to a
 // multiple of 16, at most 128); gla_chunk_scan also: VB (value columns per group of four
 // warps), GROUPS, WM (warps along the state's rows in the update), HAS_SIN, SEGS (threads
-// per pair of keys for the cumulative log-gates, a power of two, SEGS x DKP / 2 <= the block's
+// per pair of keys for the decays, a power of two, SEGS x DKP / 2 <= the block's
 // threads);
 // gla_chunk_prepare: PREPARE.
 //
@@ -81,7 +81,8 @@ __device__ __forceinline__ void split_pair(ELEM* hi, ELEM* lo, int at, float x, 
 #define FS (CH + 4)     // ... of the float32 P tile
 #define DS 17           // ... of a warp's diagonal scores
 // A diagonal block takes the factored form e^{G_i - G_j} = e^{Γ_i} e^{-Γ_j} (Γ the log-decay from
-// the block's first step) where every |Γ| <= MILD and every k e^{-Γ} fits the storage type.
+// the block's first step) where every e^{Γ} lies in [e^{-MILD}, e^{MILD}] and every k e^{-Γ} fits
+// the storage type.
 #if ELEM_HALF
 #define MILD 8.0
 #define ELEM_MAX 65504.f
