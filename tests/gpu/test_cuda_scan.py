@@ -38,9 +38,13 @@ def _rtol(dtype: str, n: int) -> float:
     return tolerance(accumulate, n) + rounding
 
 
-def _check(actual: Any, desired: np.ndarray, dtype: str, n: int, what: str) -> None:
-    rtol = _rtol(dtype, n)
+def _check_within(actual: Any, desired: np.ndarray, rtol: float, what: str) -> None:
+    """``actual`` within ``rtol`` of ``desired``, elementwise or relative to max|desired|."""
     assert_close(actual, desired, rtol=rtol, atol=rtol * float(np.max(np.abs(desired), initial=0.0)), err_msg=what)
+
+
+def _check(actual: Any, desired: np.ndarray, dtype: str, n: int, what: str) -> None:
+    _check_within(actual, desired, _rtol(dtype, n), what)
 
 
 def _log_gates(rng: np.random.Generator, shape: tuple[int, ...], regime: str) -> np.ndarray:
@@ -352,7 +356,7 @@ def test_vjp_through_the_tensor_core_kernel_matches_the_reference(cp: Any, tenso
     rtol = tolerance("float32", n) + 2 * machine_epsilon("float16")
     for name in ("dk", "dv"):
         want = getattr(ref, name)
-        assert_close(getattr(got, name), want, rtol=rtol, atol=rtol * float(np.max(np.abs(want))), err_msg=name)
+        _check_within(getattr(got, name), want, rtol, name)
 
 
 def _rtol_3xtf32(n: int) -> float:
@@ -399,8 +403,7 @@ def test_float32_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_c
     n = problem["T"] * problem["Dk"]
     rtol = _rtol_3xtf32(n)
     for got, want, what in ((o, o_ref, "outputs"), (s, s_ref, "final state")):
-        assert_close(got, want, rtol=rtol, atol=rtol * float(np.max(np.abs(want), initial=0.0)),
-                     err_msg=f"{what} of {problem}")
+        _check_within(got, want, rtol, f"{what} of {problem}")
 
 
 @pytest.mark.usefixtures("nan_memory")
@@ -439,8 +442,8 @@ def test_float32_tensor_core_time_segments_and_gradients_match_the_reference(cp:
     o, s = causal_scan(**dev, backend="cupy")
     assert tensor_core_calls == [True]
     rtol = _rtol_3xtf32(5001 * 64)
-    assert_close(o, o_ref, rtol=rtol, atol=rtol * float(np.max(np.abs(o_ref))), err_msg="outputs")
-    assert_close(s, s_ref, rtol=rtol, atol=rtol * float(np.max(np.abs(s_ref))), err_msg="final state")
+    _check_within(o, o_ref, rtol, "outputs")
+    _check_within(s, s_ref, rtol, "final state")
 
     p = {"lead_q": (2, 2, 2), "lead_kv": (2, 2, 1), "T": 150, "Dk": 64, "Dv": 100, "gates": "none",
          "regime": "mild", "initial": True, "dtype": "float32", "seed": 7}
@@ -455,7 +458,7 @@ def test_float32_tensor_core_time_segments_and_gradients_match_the_reference(cp:
     rtol = _rtol_3xtf32(p["T"] * max(p["Dk"], p["Dv"]))  # the gradient scans sum over T·max(Dk, Dv) products
     for name in ("dq", "dk", "dv", "dinitial_state"):
         want = getattr(ref, name)
-        assert_close(getattr(got, name), want, rtol=rtol, atol=rtol * float(np.max(np.abs(want))), err_msg=name)
+        _check_within(getattr(got, name), want, rtol, name)
 
 
 def _flip(x: np.ndarray | None) -> np.ndarray | None:

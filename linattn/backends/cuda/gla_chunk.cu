@@ -403,7 +403,8 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
         copy_commit();
     };
     auto load_values = [&](int n) {
-        stage_tile<CH, VBB, NTHREADS>(sv, VS, vb + (i64)n * CH * vts, vts, T - (i64)n * CH, Dv - c0);
+        const i64 t0 = (i64)n * CH;
+        stage_tile<CH, VBB, NTHREADS>(sv, VS, vb + t0 * vts, vts, T - t0, Dv - c0);
         stage_tile<CH, CH, NTHREADS>(sph, PS, phb + (i64)n * CH * CH, CH, CH, CH);
         stage_tile<CH, CH, NTHREADS>(spl, PS, plb + (i64)n * CH * CH, CH, CH, CH);
         copy_commit();
@@ -477,7 +478,8 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
 #pragma unroll 4
             for (int r = SEG_ROWS - 1; r >= 0; --r) {
                 const int at = (seg * SEG_ROWS + r) * QKS + key;
-                const float a0 = *reinterpret_cast<const float*>(skh + at), a1 = *reinterpret_cast<const float*>(skl + at);
+                const float a0 = *reinterpret_cast<const float*>(skh + at);
+                const float a1 = *reinterpret_cast<const float*>(skl + at);
                 const float2 kv = pair_at(sk, at);
                 split_pair(skh, skl, at, kv.x * after0, kv.y * after1);
                 after0 *= a0;
@@ -487,9 +489,6 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
         copy_wait();
         __syncthreads();  // the decayed tiles are whole, v and P are in; the stored q, k, g are free
         if (n + 1 < n_chunks) load_gates(n + 1);
-        const ELEM* vt = sv;
-        const ELEM* pht = sph;
-        const ELEM* plt = spl;
 
         // O = (q ⊙ e^{G}) (S s): this warp's 16 rows, three products of two parts each.
         float O[ONT][4];
@@ -523,12 +522,12 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
             if (kk > gw) continue;
             u32 ah[4], al[4];
             const int a_off = (row0 + (lane & 15)) * PS + kk * 16 + (lane >> 4) * 8;
-            ldsm(ah, pht + a_off);
-            ldsm(al, plt + a_off);
+            ldsm(ah, sph + a_off);
+            ldsm(al, spl + a_off);
 #pragma unroll
             for (int np = 0; np < VB / 16; ++np) {
                 u32 b[4];
-                ldsm_t(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + cg + np * 16 + (lane >> 4) * 8);
+                ldsm_t(b, sv + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + cg + np * 16 + (lane >> 4) * 8);
                 mma16(O[2 * np], O[2 * np + 1], ah, b);
                 mma16(O[2 * np], O[2 * np + 1], al, b);
             }
@@ -561,7 +560,7 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 u32 b[4];
-                ldsm_t(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + c_base + np * 16 + (lane >> 4) * 8);
+                ldsm_t(b, sv + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VS + c_base + np * 16 + (lane >> 4) * 8);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     mma16(S[mt][2 * np], S[mt][2 * np + 1], ah[mt], b);
