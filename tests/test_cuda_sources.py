@@ -170,8 +170,27 @@ def test_gla_scan_forms_each_chunks_decays_once_per_leading_index_at_dk_128() ->
     assert [(p.vb, p.groups) for p in plans][:2] == [(64, 2), (32, 2)]
     second_v_and_p = 2 * gc._CHUNK * (128 + 8) + 2 * 2 * gc._CHUNK * (gc._CHUNK + 8)  # bytes: v, P's two parts
     assert plans[0].shared_bytes <= 227 * 1024 < plans[0].shared_bytes + second_v_and_p
-    assert gc.choose_plan(plans, 256, 128, 132, gc._FILL).columns == 128  # (16, 2048, 16, 128), (4, 4096, 64, 128)
-    assert gc.choose_plan(plans, 96, 128, 132, gc._FILL).columns == 128  # (1, 8192, 96, 128): 96 blocks, one wave
+    # (plan columns, time segments) at (16, 2048, 16, 128), (4, 4096, 64, 128) and (1, 8192, 96, 128): one wave of
+    # 128-column blocks (96 blocks at the last: T = 8192 has too few steps for two segments of each of them).
+    for n_lead, T in ((256, 2048), (256, 4096), (96, 8192)):
+        plan, segments, _ = gc.choose_tiling(plans, n_lead, 128, T, 132)
+        assert (plan.columns, segments) == (128, 1), (n_lead, T)
+
+
+def test_gla_scan_splits_time_where_the_leading_indices_are_few() -> None:
+    """(2, 16384, 16, 128): 32 leading indices. Four time segments of 128-column blocks fill an H100 (128 blocks),
+    where one pass would need blocks of 32 columns, each forming its chunks' decays again; shorter sequences keep
+    one pass. The first pass (no outputs: neither q, P nor the shared state) needs under half the shared memory."""
+    from linattn.backends import _cuda_gla_chunk as gc
+
+    plans = gc._scan_plans("bfloat16", 128, 128, 227 * 1024)
+    plan, segments, seg_len = gc.choose_tiling(plans, 32, 128, 16384, 132)
+    assert (plan.columns, segments, seg_len) == (128, 4, 4096)
+    plan, segments, seg_len = gc.choose_tiling(plans, 1, 128, 5001, 132)  # nothing fills: the narrowest, 2 segments
+    assert (plan.columns, segments, seg_len) == (plans[-1].columns, 2, 2560)
+    plan, segments, _ = gc.choose_tiling(plans, 64, 128, 2048, 132)  # (4, 2048, 16, 128): too short to split
+    assert (plan.columns, segments) == (64, 1)
+    assert 2 * plans[0].first_pass_shared_bytes < plans[0].shared_bytes
 
 
 def test_delta_tensor_core_tiles_narrow_when_the_leading_indices_are_few() -> None:

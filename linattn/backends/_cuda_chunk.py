@@ -294,20 +294,28 @@ def _shared_limit(device: int) -> int:
 _MIN_SEGMENT = 2048
 
 
+def segment_split(n_blocks: int, T: int, shared_bytes: int, sms: int) -> tuple[int, int]:
+    """(time segments, steps per segment) for ``n_blocks`` blocks of ``shared_bytes`` each on ``sms`` multiprocessors.
+
+    As many segments as fill the resident blocks once, if T allows segments of at least
+    ``_MIN_SEGMENT`` steps; each segment whole chunks of 64 steps (the last may be shorter).
+    """
+    P = 1
+    if n_blocks < sms and T >= 2 * _MIN_SEGMENT:
+        resident = sms * max(1, _SHARED_PER_SM // (shared_bytes + 1024))
+        P = max(1, min(resident // n_blocks, T // _MIN_SEGMENT))
+    L = _CHUNK * math.ceil(math.ceil(T / P) / _CHUNK)
+    return math.ceil(T / L), L
+
+
 def _segments(n_blocks: int, T: int, plan: _ChunkPlan, device: int) -> int:
     """Time segments: as many as fill the resident blocks once, if T allows."""
-    sms = cs._sm_count(device)
-    if n_blocks >= sms or T < 2 * _MIN_SEGMENT:
-        return 1
-    resident = sms * max(1, _SHARED_PER_SM // (plan.shared_bytes + 1024))
-    return max(1, min(resident // n_blocks, T // _MIN_SEGMENT))
+    return _time_split(n_blocks, T, plan, device)[0]
 
 
 def _time_split(n_blocks: int, T: int, plan: Any, device: int) -> tuple[int, int]:
-    """(segments, steps per segment): ``_segments``'s count, each segment whole chunks."""
-    P = _segments(n_blocks, T, plan, device)
-    L = _CHUNK * math.ceil(math.ceil(T / P) / _CHUNK)
-    return math.ceil(T / L), L
+    """(segments, steps per segment): ``segment_split``'s, on this device."""
+    return segment_split(n_blocks, T, plan.shared_bytes, cs._sm_count(device))
 
 
 def _blocks(plan: Any, n_lead: int, Dv: int, T: int, device: int) -> int:

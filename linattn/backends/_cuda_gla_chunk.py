@@ -11,6 +11,13 @@ storage type), which do not depend on the state. ``gla_chunk_scan`` then walks e
 (leading index, tile of value columns) through its chunks in order with the state in
 registers: o = (q ⊙ e^G) S + P V and the update. P costs 4·64 bytes per step and leading
 index, written once and read once per tile of value columns.
+
+When the blocks would leave multiprocessors idle and T is long (few leading indices), the
+scan splits T into time segments as the linear one does: a first launch of the scan
+without outputs gives each segment's own state from zero and its log-decay per key (the
+sum of g over its steps), ``cuda/segments.cu`` joins them into each segment's entering
+state, and the scan then computes every segment's outputs at once. One block then takes
+all of a leading index's value columns there too, forming each chunk's decays once.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import math
 from typing import Any
 
 from linattn.backends import _cuda_scan as cs
-from linattn.backends._cuda_chunk import _GROUP_WARPS, _ChunkPlan, _shared_limit, choose_plan, narrowing_plans
+from linattn.backends._cuda_chunk import _GROUP_WARPS, _ChunkPlan, _shared_limit, narrowing_plans, segment_split
 
 # Tests and benchmarks switch the kernels off to compare with the CUDA-core one.
 ENABLED = True
@@ -31,8 +38,8 @@ _PREPARE_THREADS = 512
 # (value columns per group of four warps, groups), widest first; of equal widths, two
 # groups first: eight warps per multiprocessor share the per-chunk gate work.
 _TILINGS = ((64, 2), (32, 2), (64, 1), (16, 2), (32, 1), (16, 1))
-# The widest tiling that gives at least this share of the multiprocessors a block (see
-# ``choose_plan``); tests set 0 to run the widest.
+# The widest tiling that gives at least this share of the multiprocessors a block, time
+# segments included (see ``choose_tiling``); tests set 0 to run the widest.
 _FILL = 0.7
 
 
@@ -46,19 +53,29 @@ class _GlaPlan(_ChunkPlan):
 
     @property
     def shared_bytes(self) -> int:
-        return _scan_shared_bytes(self.dkp, self.columns, self.groups, self.segments)
+        return _scan_shared_bytes(self.dkp, self.columns, self.groups, self.segments, True)
+
+    @property
+    def first_pass_shared_bytes(self) -> int:
+        """The first pass of a time-segmented scan's: without the tiles of q, P and the shared state."""
+        return _scan_shared_bytes(self.dkp, self.columns, self.groups, self.segments, False)
 
 
-def _scan_shared_bytes(dkp: int, columns: int, groups: int, segments: int) -> int:
+def _scan_shared_bytes(dkp: int, columns: int, groups: int, segments: int, write_o: bool) -> int:
     """The scan's shared memory: q, k, g as stored; decayed q, k; v and P; the state; gates.
 
     The decayed q and k, P and the state have two parts each; every tile is held once
     (224.5 KiB at Dk = 128 and 128 value columns). The gates, float32: each segment's
-    product of the factors e^{g} per key, e^{G_C} per key, and a maximum per warp.
+    product of the factors e^{g} per key, e^{G_C} per key, and a maximum per warp. The
+    first pass of a time-segmented scan (``write_o`` False) holds k, g, their decayed
+    parts and v, and each segment's sum of g per key.
     """
     qk, vs, p = dkp + 8, columns + 8, _CHUNK + 8
-    elements = 7 * _CHUNK * qk + _CHUNK * vs + 2 * _CHUNK * p + 2 * dkp * vs
-    return 2 * elements + 4 * segments * dkp + 4 * dkp + 4 * _GROUP_WARPS * groups
+    if write_o:
+        elements = 7 * _CHUNK * qk + _CHUNK * vs + 2 * _CHUNK * p + 2 * dkp * vs
+        return 2 * elements + 4 * segments * dkp + 4 * dkp + 4 * _GROUP_WARPS * groups
+    elements = 4 * _CHUNK * qk + _CHUNK * vs
+    return 2 * elements + 8 * segments * dkp + 4 * dkp + 4 * _GROUP_WARPS * groups
 
 
 def _prepare_shared_bytes(dkp: int) -> int:
@@ -78,6 +95,22 @@ def _scan_plans(dtype: str, Dk: int, Dv: int, shared_limit: int) -> tuple[_GlaPl
     if 16 * math.ceil(Dk / 16) > _MAX_DK or _prepare_shared_bytes(16 * math.ceil(Dk / 16)) > shared_limit:
         return ()
     return narrowing_plans(_GlaPlan, dtype, Dk, Dv, _MAX_DK, shared_limit, _TILINGS)
+
+
+def choose_tiling(plans: tuple[_GlaPlan, ...], n_lead: int, Dv: int, T: int, sms: int) -> tuple[_GlaPlan, int, int]:
+    """The widest of ``plans`` whose blocks, time segments included, give ``_FILL`` of the multiprocessors one.
+
+    Returns (plan, time segments, steps per segment). Each block forms its chunks' decays
+    for its own value columns: a wide block over time segments does that once per chunk
+    and leading index, where narrow blocks repeat it per tile of columns. Where nothing
+    fills the multiprocessors, the narrowest tiling (the most blocks).
+    """
+    for plan in plans:
+        n_blocks = n_lead * math.ceil(Dv / plan.columns)
+        P, L = segment_split(n_blocks, T, plan.shared_bytes, sms)
+        if n_blocks * P >= _FILL * sms or plan is plans[-1]:
+            return plan, P, L
+    raise ValueError("plans is empty")
 
 
 def chunked_gla_scan(call: cs.Call) -> tuple[Any, Any] | None:
@@ -101,7 +134,7 @@ def chunked_gla_scan(call: cs.Call) -> tuple[Any, Any] | None:
         return None
     lead3 = (1,) * (3 - len(lead)) + lead
     n_lead = math.prod(lead3)
-    plan = choose_plan(plans, n_lead, Dv, cs._sm_count(call.device), _FILL)
+    plan, segments, seg_len = choose_tiling(plans, n_lead, Dv, T, cs._sm_count(call.device))
     n_chunks = math.ceil(T / _CHUNK)
     half = int(call.dtype == "float16")
     run = call.launcher()
@@ -117,15 +150,30 @@ def chunked_gla_scan(call: cs.Call) -> tuple[Any, Any] | None:
         _prepare_shared_bytes(plan.dkp))
 
     o, oo = call.output(lead, T, Dv)
-    s_out, s_out_ptr = call.empty((n_lead, Dk, Dv), "float32")
-    s_in, s_in_strides = cs.state_in(sr)
     col_blocks = math.ceil(Dv / plan.columns)
     defines = {"ELEM_HALF": half, "DKP": plan.dkp, "VB": plan.vb, "GROUPS": plan.groups, "WM": plan.wm,
-               "SEGS": plan.segments, "HAS_SIN": int(s_in != 0)}
-    run("gla_chunk.cu", "gla_chunk_scan", defines, (n_lead * col_blocks, 1, 1), plan.threads,
-        [qo.ptr, ko.ptr, vo.ptr, go.ptr, p_hi_ptr, p_lo_ptr, p_scale_ptr, s_in or s_out_ptr, oo.ptr, s_out_ptr,
-         T, Dk, Dv, lead3[1], lead3[2], col_blocks, *qo.strides, *ko.strides, *vo.strides, *oo.strides,
-         *go.strides, *s_in_strides],
-        plan.shared_bytes)
+               "SEGS": plan.segments, "TIME_SEGMENTS": int(segments > 1)}
+
+    def scan(write_o: bool, s_in: int, s_in_strides: list[int]) -> tuple[Any, int, Any, int]:
+        """One launch over the time segments: their exit states and (first pass) log-decays, with addresses."""
+        s_out, s_out_ptr = call.empty((n_lead, segments, Dk, Dv), "float32")
+        g_sum, g_sum_ptr = (None, 0) if write_o else call.empty((n_lead, segments, Dk), "float32")
+        run("gla_chunk.cu", "gla_chunk_scan", {**defines, "HAS_SIN": int(s_in != 0), "WRITE_O": int(write_o)},
+            (n_lead * col_blocks, segments, 1), plan.threads,
+            [qo.ptr, ko.ptr, vo.ptr, go.ptr, p_hi_ptr, p_lo_ptr, p_scale_ptr, s_in or s_out_ptr, oo.ptr, s_out_ptr,
+             T, Dk, Dv, lead3[1], lead3[2], col_blocks, *qo.strides, *ko.strides, *vo.strides, *oo.strides,
+             *go.strides, *s_in_strides, seg_len, g_sum_ptr or s_out_ptr],
+            plan.shared_bytes if write_o else plan.first_pass_shared_bytes)
+        return s_out, s_out_ptr, g_sum, g_sum_ptr
+
+    if segments == 1:
+        s_out, *_ = scan(True, *cs.state_in(sr))
+    else:
+        # Each segment's own state from zero and its log-decays (held by these names till queued).
+        _local, local_ptr, _g_sum, g_sum_ptr = scan(False, 0, [0] * 6)
+        _entering, s_out, entering_ptr = cs.join_segments(call, run, local_ptr, [(go, Dk), (None, 0)], lead3, T, Dk,
+                                                          Dv, segments, seg_len, formed=[g_sum_ptr, 0])
+        per_lead = Dk * Dv * segments
+        scan(True, entering_ptr, [per_lead * lead3[1] * lead3[2], per_lead * lead3[2], per_lead, Dk * Dv, Dv, 1])
     state_lead = cs.broadcast_lead(tuple(r.shape for r in (kr, vr, gr, sr) if r is not None))
     return o, cs.final_state(s_out, lead3, state_lead, Dk, Dv)

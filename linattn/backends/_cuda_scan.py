@@ -264,12 +264,15 @@ def final_state(s_out: Any, lead3: tuple[int, ...], state_lead: tuple[int, ...],
 
 
 def join_segments(call: Call, run: Callable[..., None], local: int, gates: list[tuple[Operand | None, int]],
-                  lead3: tuple[int, int, int], T: int, Dk: int, Dv: int, P: int, L: int) -> tuple[Any, Any, int]:
+                  lead3: tuple[int, int, int], T: int, Dk: int, Dv: int, P: int, L: int,
+                  formed: list[int] | None = None) -> tuple[Any, Any, int]:
     """The states entering P segments of L steps, and the state after the last (``cuda/segments.cu``).
 
     ``local`` addresses each segment's own final state (n_lead, P, Dk, Dv) in the
     accumulation dtype; ``gates`` are (operand, width) of the per-key and per-value
-    log-gates (width 1: one per step; operand None: no gate). Returns
+    log-gates (width 1: one per step; operand None: no gate). ``formed``, where given,
+    addresses each gate's sums over the segments (n_lead, P, width) in the accumulation
+    dtype where the first pass formed them (0: they are formed here). Returns
     ``(entering, last, entering's address)``.
     """
     acc, n_lead = call.accumulation, math.prod(lead3)
@@ -280,9 +283,9 @@ def join_segments(call: Call, run: Callable[..., None], local: int, gates: list[
                "HAS_GV": int(gv is not None), "HAS_SIN": int(s0 != 0)}
     sums = []
     keep = []
-    for g, width in gates:
-        if g is None:
-            sums.append(0)
+    for (g, width), ready in zip(gates, formed or [0] * len(gates), strict=True):
+        if g is None or ready:
+            sums.append(ready)
             continue
         out, ptr = call.empty((n_lead, P, width), acc)
         keep.append(out)

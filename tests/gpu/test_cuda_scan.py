@@ -719,6 +719,42 @@ def test_gla_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: Any,
     assert gla_tensor_core_calls == [True] * 3
 
 
+@pytest.mark.usefixtures("nan_memory")
+@pytest.mark.parametrize("widest", [True, False])
+@pytest.mark.parametrize("regime", ["slow", "zero", "extreme", "mixed"])
+def test_gla_tensor_core_time_segments_match_the_reference(cp: Any, gla_tensor_core_calls: list[bool], regime: str,
+                                                           widest: bool) -> None:
+    """Few leading indices and T = 5001: the three passes (each segment's own state and log-decays per key, the
+    join, the outputs), with the widest tiling or the launcher's; GQA, an initial state; two runs bitwise equal.
+
+    "slow": mild gates / 64, so each segment's entering state still matters at its end;
+    "zero": g = 0, so the join carries every state whole (each segment's decay is e^0);
+    "extreme" and "mixed" as in the hypothesis tests (total decays, growth).
+    """
+    from linattn.backends import _cuda_gla_chunk, _cuda_scan
+
+    p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 5001, "Dk": 128, "Dv": 128, "gates": "key",
+         "regime": "mild" if regime in ("slow", "zero") else regime, "initial": True, "dtype": "float16", "seed": 27}
+    host = _linear_inputs(p)
+    host["gk"] = host["gk"] / 64 if regime == "slow" else (0 * host["gk"] if regime == "zero" else host["gk"])
+    fill = _cuda_gla_chunk._FILL
+    _cuda_gla_chunk._FILL = 0.0 if widest else fill
+    try:
+        device = cp.cuda.Device().id
+        plans = _cuda_gla_chunk._scan_plans("float16", 128, 128, _cuda_gla_chunk._shared_limit(device))
+        _, segments, _ = _cuda_gla_chunk.choose_tiling(plans, 4, 128, 5001, _cuda_scan._sm_count(device))
+        assert segments > 1  # the three passes
+        dev = _to_device(cp, host, "float16")
+        first, second = (causal_scan(**dev, backend="cupy") for _ in range(2))
+    finally:
+        _cuda_gla_chunk._FILL = fill
+    assert gla_tensor_core_calls == [True, True]
+    assert bool(cp.all(first[0] == second[0])) and bool(cp.all(first[1] == second[1]))
+    o_ref, s_ref = causal_scan(**host)
+    _check(first[0], o_ref, "float16", 5001 * 128, f"outputs ({regime}, widest={widest})")
+    _check(first[1], s_ref, "float32", 5001 * 128, f"final state ({regime}, widest={widest})")
+
+
 def test_gla_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, gla_tensor_core_calls: list[bool]) -> None:
     """PyTorch bfloat16 (B, T, H, D) data, as flash-linear-attention lays it out, read as (B, H, T, D) views."""
     torch = _torch_with_cuda()

@@ -28,10 +28,15 @@
 // chunk it is within 64 roundings of float32 (plus expf's two ulp per factor) of the exact
 // decay, far inside the two-part operands' 2^-16 (and float16's 2^-22).
 //
-// gla_chunk_scan walks each (leading index, tile of value columns) through its chunks in
-// order, the state in registers. Per chunk it forms q ⊙ e^{G} and k ⊙ e^{G_C - G} in shared
-// memory, then O = (q ⊙ e^{G}) S, O += P V, and the update.
-//
+// gla_chunk_scan walks each (leading index, tile of value columns, time segment) through
+// its chunks in order, the state in registers. Per chunk it forms q ⊙ e^{G} and k ⊙ e^{G_C - G}
+// in shared memory, then O = (q ⊙ e^{G}) S, O += P V, and the update. With few leading indices
+// and a long T the launcher splits T into segments (segments.cu's three passes): a first
+// launch without outputs (WRITE_O 0: neither q nor P is read) gives each segment's own final
+// state from zero and its log-decay per key, sum_t g_t (summed in float64 over the chunks),
+// segments.cu joins them into each segment's entering state, and a second launch computes
+// the outputs from those.
+
 // Precision, as in chunk_mma.cu: q, k and v enter the products as stored; every
 // intermediate that enters a product — the decayed queries and keys, P, the state — is
 // split into two parts x = hi + lo in the storage type, and a product of two split
@@ -42,9 +47,9 @@
 //
 // Compile-time parameters (-D): ELEM_HALF (float16, else bfloat16), DKP (keys padded to a
 // multiple of 16, at most 128); gla_chunk_scan also: VB (value columns per group of four
-// warps), GROUPS, WM (warps along the state's rows in the update), HAS_SIN, SEGS (threads
-// per pair of keys for the decays, a power of two, SEGS x DKP / 2 <= the block's
-// threads);
+// warps), GROUPS, WM (warps along the state's rows in the update), HAS_SIN, TIME_SEGMENTS
+// (0: one pass over all of T), WRITE_O, SEGS (threads per pair of keys for the decays, a
+// power of two, SEGS x DKP / 2 <= the block's threads);
 // gla_chunk_prepare: PREPARE.
 //
 // Strides are in elements; the last axis of every operand is contiguous, every row starts
@@ -334,6 +339,9 @@ gla_chunk_prepare(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
 #define NT (VB / 8 / WN)       // state column tiles (8) per warp
 #define ONT (VB / 8)           // output column tiles per warp
 
+#define OUT_ROWS (WRITE_O ? CH : 0)    // the tiles only the outputs need (q, its decayed parts, P, the shared
+#define OUT_KEYS (WRITE_O ? DKP : 0)   // state) take no shared memory in the first pass
+
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ v,
                const ELEM* __restrict__ g, const ELEM* __restrict__ p_hi, const ELEM* __restrict__ p_lo,
@@ -341,38 +349,50 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
                float* __restrict__ s_out, i64 T, int Dk, int Dv, i64 n1, i64 n2, int col_blocks,
                i64 qs0, i64 qs1, i64 qs2, i64 qts, i64 ks0, i64 ks1, i64 ks2, i64 kts,
                i64 vs0, i64 vs1, i64 vs2, i64 vts, i64 os0, i64 os1, i64 os2, i64 ots,
-               i64 gs0, i64 gs1, i64 gs2, i64 gts, i64 ss0, i64 ss1, i64 ss2, i64 sseg, i64 srow, i64 scol) {
+               i64 gs0, i64 gs1, i64 gs2, i64 gts, i64 ss0, i64 ss1, i64 ss2, i64 sseg, i64 srow, i64 scol,
+               i64 seg_len, float* __restrict__ g_sum) {
     extern __shared__ __align__(16) unsigned char smem[];
     ELEM* sq = reinterpret_cast<ELEM*>(smem);              // [CH][QKS]   q, k, g as stored (the next chunk's
-    ELEM* sk = sq + CH * QKS;                               // [CH][QKS]   arrive while this one is computed)
+    ELEM* sk = sq + OUT_ROWS * QKS;                         // [CH][QKS]   arrive while this one is computed)
     ELEM* sg = sk + CH * QKS;                               // [CH][QKS]
     ELEM* sqh = sg + CH * QKS;                              // [CH][QKS]   q ⊙ e^{G}, two parts
-    ELEM* sql = sqh + CH * QKS;
-    ELEM* skh = sql + CH * QKS;                             // [CH][QKS]   k ⊙ e^{G_C - G}, two parts
+    ELEM* sql = sqh + OUT_ROWS * QKS;
+    ELEM* skh = sql + OUT_ROWS * QKS;                       // [CH][QKS]   k ⊙ e^{G_C - G}, two parts
     ELEM* skl = skh + CH * QKS;
     ELEM* sv = skl + CH * QKS;                              // [CH][VS]    v
     ELEM* sph = sv + CH * VS;                               // [CH][PS]    P, two parts
-    ELEM* spl = sph + CH * PS;
-    ELEM* shi = spl + CH * PS;                              // [DKP][VS]   the entering state, two parts
-    ELEM* slo = shi + DKP * VS;
-    float* spart = reinterpret_cast<float*>(slo + DKP * VS);    // [SEGS][DKP] each segment's product of e^{g}
-    float* sdec = spart + SEGS * DKP;                           // [DKP]       e^{G_C}
-    [[maybe_unused]] float* sred = sdec + DKP;                  // [NWARPS]    per-warp max |S|
+    ELEM* spl = sph + OUT_ROWS * PS;
+    ELEM* shi = spl + OUT_ROWS * PS;                        // [DKP][VS]   the entering state, two parts
+    ELEM* slo = shi + OUT_KEYS * VS;
+    float* spart = reinterpret_cast<float*>(slo + OUT_KEYS * VS);  // [SEGS][DKP] each segment's product of e^{g}
+    float* sdec = spart + SEGS * DKP;                              // [DKP]       e^{G_C}
+    [[maybe_unused]] float* sred = sdec + DKP;                     // [NWARPS]    per-warp max |S|
+    [[maybe_unused]] float* ssum = sred + NWARPS;                  // [SEGS][DKP] (first pass) each segment's sum of g
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int c0 = (blockIdx.x % col_blocks) * VBB;
-    const int gw = warp & 3, cg = (warp >> 2) * VB, row0 = 16 * gw;
+    const int gw = warp & 3, cg = (warp >> 2) * VB;
+    [[maybe_unused]] const int row0 = 16 * gw;  // the warp's first output row
     const i64 lead = blockIdx.x / col_blocks;
     const i64 la = lead / (n1 * n2), lb = (lead / n2) % n1, lc = lead % n2;
-    const int n_chunks = (int)((T + CH - 1) / CH);
-    const ELEM* qb = q + la * qs0 + lb * qs1 + lc * qs2;
+#if TIME_SEGMENTS
+    const int segment = blockIdx.y;
+    const i64 t_begin = segment * seg_len, t_end = min(T, t_begin + seg_len);
+#else  // one pass: constants the compiler folds into the addresses and bounds
+    const int segment = 0;
+    const i64 t_begin = 0, t_end = T;
+#endif
+    const int n_chunks = (int)((t_end - t_begin + CH - 1) / CH), all_chunks = (int)((T + CH - 1) / CH);
+    [[maybe_unused]] const ELEM* qb = q + la * qs0 + lb * qs1 + lc * qs2;
     const ELEM* kb = k + la * ks0 + lb * ks1 + lc * ks2;
-    const ELEM* gb = g + la * gs0 + lb * gs1 + lc * gs2;
     const ELEM* vb = v + la * vs0 + lb * vs1 + lc * vs2 + c0;
-    const ELEM* phb = p_hi + lead * n_chunks * (i64)(CH * CH);
-    const ELEM* plb = p_lo + lead * n_chunks * (i64)(CH * CH);
-    [[maybe_unused]] const float* psb = p_scale + lead * n_chunks;
-    ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + c0 + cg + 2 * tig;
+    const ELEM* gb = g + la * gs0 + lb * gs1 + lc * gs2;
+    // P of the time segment's first chunk (P holds every chunk of T for each leading index).
+    const i64 p_at = lead * all_chunks * (i64)(CH * CH) + t_begin * CH;
+    [[maybe_unused]] const ELEM* phb = p_hi + p_at;
+    [[maybe_unused]] const ELEM* plb = p_lo + p_at;
+    [[maybe_unused]] const float* psb = p_scale + p_at / (CH * CH);
+    [[maybe_unused]] ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + c0 + cg + 2 * tig;
 
     // This warp's tile of the state: rows d_base + [0, 16 MT), columns c_base + [0, 8 NT).
     const int d_base = (gw % WM) * MT * 16, c_base = cg + (gw / WM) * NT * 8;
@@ -387,32 +407,38 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
                 [[maybe_unused]] const int c = c0 + c_base + nt * 8 + 2 * tig + (e & 1);
                 float x = 0.f;
 #if HAS_SIN
-                if (d < Dk && c < Dv) x = s_in[la * ss0 + lb * ss1 + lc * ss2 + d * srow + c * scol];
+                if (d < Dk && c < Dv)
+                    x = s_in[la * ss0 + lb * ss1 + lc * ss2 + segment * sseg + d * srow + c * scol];
 #endif
                 S[mt][nt][e] = x;
             }
 
     // Chunk n's copies in two groups: q, k and g as stored (free once the chunk before has
     // formed its decayed tiles), then v and P (free once it has made its products). Each
-    // arrives while the chunk before computes, in one buffer.
+    // arrives while the chunk before computes, in one buffer. Rows past the segment are zeros.
     auto load_gates = [&](int n) {
-        const i64 t0 = (i64)n * CH;
-        stage_tile<CH, DKP, NTHREADS>(sq, QKS, qb + t0 * qts, qts, T - t0, Dk);
-        stage_tile<CH, DKP, NTHREADS>(sk, QKS, kb + t0 * kts, kts, T - t0, Dk);
-        stage_tile<CH, DKP, NTHREADS>(sg, QKS, gb + t0 * gts, gts, T - t0, Dk);
+        const i64 t0 = t_begin + (i64)n * CH;
+#if WRITE_O
+        stage_tile<CH, DKP, NTHREADS>(sq, QKS, qb + t0 * qts, qts, t_end - t0, Dk);
+#endif
+        stage_tile<CH, DKP, NTHREADS>(sk, QKS, kb + t0 * kts, kts, t_end - t0, Dk);
+        stage_tile<CH, DKP, NTHREADS>(sg, QKS, gb + t0 * gts, gts, t_end - t0, Dk);
         copy_commit();
     };
     auto load_values = [&](int n) {
-        const i64 t0 = (i64)n * CH;
-        stage_tile<CH, VBB, NTHREADS>(sv, VS, vb + t0 * vts, vts, T - t0, Dv - c0);
+        const i64 t0 = t_begin + (i64)n * CH;
+        stage_tile<CH, VBB, NTHREADS>(sv, VS, vb + t0 * vts, vts, t_end - t0, Dv - c0);
+#if WRITE_O
         stage_tile<CH, CH, NTHREADS>(sph, PS, phb + (i64)n * CH * CH, CH, CH, CH);
         stage_tile<CH, CH, NTHREADS>(spl, PS, plb + (i64)n * CH * CH, CH, CH, CH);
+#endif
         copy_commit();
     };
 
-    float state_scale = 1.f;  // the shared state holds S * state_scale
+    [[maybe_unused]] float state_scale = 1.f;  // the shared state holds S * state_scale
     load_gates(0);
     load_values(0);
+#if WRITE_O
 #if SCALED
     {
         const float m = state_max(S);  // a warp-wide reduction: every lane takes part
@@ -422,6 +448,8 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
     state_scale = pow2_scale(max_of<NWARPS>(sred));
 #endif
     share_state(S, state_scale, shi, slo, VS, d_base, c_base, true);
+#endif
+    [[maybe_unused]] double log_decay0 = 0.0, log_decay1 = 0.0;  // (first pass, seg 0) the segment's sum of g
 
     // The decays: thread (seg, keys d, d+1) over steps [seg CH / SEGS, (seg + 1) CH / SEGS).
     const int key = 2 * (threadIdx.x % (DKP / 2)), seg = threadIdx.x / (DKP / 2);
@@ -429,7 +457,7 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
     constexpr int SEG_ROWS = CH / SEGS;
 
     for (int n = 0; n < n_chunks; ++n) {
-        const i64 t0 = (i64)n * CH;
+        [[maybe_unused]] const i64 t0 = t_begin + (i64)n * CH;
         copy_wait_but_last();
         __syncthreads();  // chunk n's q, k and g are in shared memory, and so is the state entering it
 
@@ -440,6 +468,7 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
         // thread fills last, and each segment's product.
         float part0 = 1.f, part1 = 1.f;
         if (gate_thread) {
+            [[maybe_unused]] float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll 4
             for (int r = 0; r < SEG_ROWS; ++r) {
                 const int at = (seg * SEG_ROWS + r) * QKS + key;
@@ -449,8 +478,15 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
                 *reinterpret_cast<float*>(skl + at) = a1;
                 part0 *= a0;
                 part1 *= a1;
+#if !WRITE_O
+                sum0 += x.x;
+                sum1 += x.y;
+#endif
             }
             *reinterpret_cast<float2*>(spart + seg * DKP + key) = make_float2(part0, part1);
+#if !WRITE_O
+            *reinterpret_cast<float2*>(ssum + seg * DKP + key) = make_float2(sum0, sum1);
+#endif
         }
         __syncthreads();
         if (gate_thread) {
@@ -467,6 +503,7 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
                 }
             }
             if (seg == 0) *reinterpret_cast<float2*>(sdec + key) = make_float2(part0 * after0, part1 * after1);
+#if WRITE_O
 #pragma unroll 4
             for (int r = 0; r < SEG_ROWS; ++r) {
                 const int at = (seg * SEG_ROWS + r) * QKS + key;
@@ -475,6 +512,15 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
                 const float2 qv = pair_at(sq, at);
                 split_pair(sqh, sql, at, qv.x * before0, qv.y * before1);
             }
+#else
+            if (seg == 0)
+#pragma unroll
+                for (int s = 0; s < SEGS; ++s) {
+                    const float2 x = *reinterpret_cast<const float2*>(ssum + s * DKP + key);
+                    log_decay0 += x.x;
+                    log_decay1 += x.y;
+                }
+#endif
 #pragma unroll 4
             for (int r = SEG_ROWS - 1; r >= 0; --r) {
                 const int at = (seg * SEG_ROWS + r) * QKS + key;
@@ -490,6 +536,7 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
         __syncthreads();  // the decayed tiles are whole, v and P are in; the stored q, k, g are free
         if (n + 1 < n_chunks) load_gates(n + 1);
 
+#if WRITE_O
         // O = (q ⊙ e^{G}) (S s): this warp's 16 rows, three products of two parts each.
         float O[ONT][4];
 #pragma unroll
@@ -537,7 +584,7 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const i64 t = t0 + row0 + gid + h * 8;
-                if (t >= T) continue;
+                if (t >= t_end) continue;
 #pragma unroll
                 for (int tt = 0; tt < ONT; ++tt)
                     if (c0 + cg + tt * 8 + 2 * tig < Dv)
@@ -545,6 +592,7 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
                             pack2(O[tt][2 * h] * unscale, O[tt][2 * h + 1] * unscale);
             }
         }
+#endif  // WRITE_O
 
         // The update of this warp's state tile: S <- diag(e^{G_C}) S + (k ⊙ e^{G_C - G})^T V.
         for_each_state<MT, NT>(d_base, 0, [&](int mt, int nt, int e, int d, int) { S[mt][nt][e] *= sdec[d]; });
@@ -568,7 +616,7 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
                 }
             }
         }
-#if SCALED
+#if WRITE_O && SCALED
         {
             const float m = state_max(S);
             if (lane == 0) sred[warp] = m;
@@ -577,14 +625,23 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
         __syncthreads();  // every warp is done with the shared state, the decayed tiles, v and P
         if (n + 1 < n_chunks) {
             load_values(n + 1);
+#if WRITE_O
 #if SCALED
             state_scale = pow2_scale(max_of<NWARPS>(sred));
 #endif
             share_state(S, state_scale, shi, slo, VS, d_base, c_base, true);
+#endif
         }
     }
 
-    // The exit state: s_out[lead][Dk][Dv].
-    store_state(S, s_out + lead * Dk * (i64)Dv, d_base, c0 + c_base, Dk, Dv);
+    // The exit state: s_out[lead][segment][Dk][Dv]; (first pass) the segment's log-decays g_sum[lead][segment][Dk].
+    const i64 at = TIME_SEGMENTS ? lead * gridDim.y + segment : lead;
+    store_state(S, s_out + at * Dk * (i64)Dv, d_base, c0 + c_base, Dk, Dv);
+#if !WRITE_O
+    if (gate_thread && seg == 0 && c0 == 0 && key < Dk) {
+        g_sum[at * Dk + key] = (float)log_decay0;
+        if (key + 1 < Dk) g_sum[at * Dk + key + 1] = (float)log_decay1;
+    }
+#endif
 }
 #endif  // VB
