@@ -36,7 +36,7 @@
 // state from zero and its log-decay per key, sum_t g_t (summed in float64 over the chunks),
 // segments.cu joins them into each segment's entering state, and a second launch computes
 // the outputs from those.
-
+//
 // Precision, as in chunk_mma.cu: q, k and v enter the products as stored; every
 // intermediate that enters a product — the decayed queries and keys, P, the state — is
 // split into two parts x = hi + lo in the storage type, and a product of two split
@@ -364,10 +364,10 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
     ELEM* spl = sph + OUT_ROWS * PS;
     ELEM* shi = spl + OUT_ROWS * PS;                        // [DKP][VS]   the entering state, two parts
     ELEM* slo = shi + OUT_KEYS * VS;
-    float* spart = reinterpret_cast<float*>(slo + OUT_KEYS * VS);  // [SEGS][DKP] each segment's product of e^{g}
+    float* spart = reinterpret_cast<float*>(slo + OUT_KEYS * VS);  // [SEGS][DKP] each row part's product of e^{g}
     float* sdec = spart + SEGS * DKP;                              // [DKP]       e^{G_C}
     [[maybe_unused]] float* sred = sdec + DKP;                     // [NWARPS]    per-warp max |S|
-    [[maybe_unused]] float* ssum = sred + NWARPS;                  // [SEGS][DKP] (first pass) each segment's sum of g
+    [[maybe_unused]] float* ssum = sred + NWARPS;                  // [SEGS][DKP] (first pass) each row part's sum of g
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int c0 = (blockIdx.x % col_blocks) * VBB;
@@ -449,9 +449,10 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
 #endif
     share_state(S, state_scale, shi, slo, VS, d_base, c_base, true);
 #endif
-    [[maybe_unused]] double log_decay0 = 0.0, log_decay1 = 0.0;  // (first pass, seg 0) the segment's sum of g
+    [[maybe_unused]] double log_decay0 = 0.0, log_decay1 = 0.0;  // (first pass, seg 0) the time segment's sum of g
 
-    // The decays: thread (seg, keys d, d+1) over steps [seg CH / SEGS, (seg + 1) CH / SEGS).
+    // The decays: thread (seg, keys d, d+1) over steps [seg CH / SEGS, (seg + 1) CH / SEGS) of the
+    // chunk, its row part (not a time segment).
     const int key = 2 * (threadIdx.x % (DKP / 2)), seg = threadIdx.x / (DKP / 2);
     const bool gate_thread = seg < SEGS;
     constexpr int SEG_ROWS = CH / SEGS;
@@ -463,9 +464,9 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
 
         // q ⊙ e^{G} and k ⊙ e^{G_C - G} in two parts; e^{G_C}. The decays are products of the
         // steps' factors a_t = e^{g_t}: e^{G_i} = a_0 ... a_i forward, e^{G_C - G_j} = a_{j+1} ... a_{C-1}
-        // backward, each thread over its segment's rows from the products of the segments before
-        // and after it. First each a_t, kept (as float32) in the slots of skh and skl that this
-        // thread fills last, and each segment's product.
+        // backward, each thread over its row part from the products of the parts before and after
+        // it. First each a_t, kept (as float32) in the slots of skh and skl that this thread fills
+        // last, and each part's product (first pass: and its sum of g).
         float part0 = 1.f, part1 = 1.f;
         if (gate_thread) {
             [[maybe_unused]] float sum0 = 0.f, sum1 = 0.f;
@@ -634,7 +635,8 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
         }
     }
 
-    // The exit state: s_out[lead][segment][Dk][Dv]; (first pass) the segment's log-decays g_sum[lead][segment][Dk].
+    // The exit state: s_out[lead][time segment][Dk][Dv]; (first pass) the time segment's log-decays,
+    // g_sum[lead][time segment][Dk].
     const i64 at = TIME_SEGMENTS ? lead * gridDim.y + segment : lead;
     store_state(S, s_out + at * Dk * (i64)Dv, d_base, c0 + c_base, Dk, Dv);
 #if !WRITE_O
