@@ -217,8 +217,7 @@ def _tf32_width(plans: tuple[_Tf32Plan, ...], n_lead: int, Dv: int, T: int, devi
     warps takes a larger share of them; where time segments can make up the blocks
     (a long T), the widest runs.
     """
-    sms = cs._sm_count(device)
-    return next((plan for plan in plans if _blocks(plan, n_lead, Dv, T, device) >= _TF32_FILL * sms), plans[-1])
+    return widest_filling(plans, n_lead, Dv, T, cs._sm_count(device), _TF32_FILL)[0]
 
 
 def linear_plan(dtype: str, Dk: int, Dv: int, gated: bool, device: int
@@ -306,6 +305,21 @@ def segment_split(n_blocks: int, T: int, shared_bytes: int, sms: int) -> tuple[i
         P = max(1, min(resident // n_blocks, T // _MIN_SEGMENT))
     L = _CHUNK * math.ceil(math.ceil(T / P) / _CHUNK)
     return math.ceil(T / L), L
+
+
+def widest_filling(plans: tuple[Any, ...], n_lead: int, Dv: int, T: int, sms: int, fill: float
+                   ) -> tuple[Any, int, int]:
+    """The widest of ``plans`` whose blocks, time segments included, give ``fill`` of the ``sms`` multiprocessors one.
+
+    Returns (plan, time segments, steps per segment) by ``segment_split``; where none
+    fills them, the last (narrowest) plan.
+    """
+    for plan in plans:
+        n_blocks = n_lead * math.ceil(Dv / plan.columns)
+        P, L = segment_split(n_blocks, T, plan.shared_bytes, sms)
+        if n_blocks * P >= fill * sms or plan is plans[-1]:
+            return plan, P, L
+    raise ValueError("plans is empty")
 
 
 def _segments(n_blocks: int, T: int, plan: _ChunkPlan, device: int) -> int:

@@ -27,7 +27,7 @@ import math
 from typing import Any
 
 from linattn.backends import _cuda_scan as cs
-from linattn.backends._cuda_chunk import _GROUP_WARPS, _ChunkPlan, _shared_limit, narrowing_plans, segment_split
+from linattn.backends._cuda_chunk import _GROUP_WARPS, _ChunkPlan, _shared_limit, narrowing_plans, widest_filling
 
 # Tests and benchmarks switch the kernels off to compare with the CUDA-core one.
 ENABLED = True
@@ -100,17 +100,12 @@ def _scan_plans(dtype: str, Dk: int, Dv: int, shared_limit: int) -> tuple[_GlaPl
 def choose_tiling(plans: tuple[_GlaPlan, ...], n_lead: int, Dv: int, T: int, sms: int) -> tuple[_GlaPlan, int, int]:
     """The widest of ``plans`` whose blocks, time segments included, give ``_FILL`` of the multiprocessors one.
 
-    Returns (plan, time segments, steps per segment). Each block forms its chunks' decays
-    for its own value columns: a wide block over time segments does that once per chunk
-    and leading index, where narrow blocks repeat it per tile of columns. Where nothing
-    fills the multiprocessors, the narrowest tiling (the most blocks).
+    Returns (plan, time segments, steps per segment) (``widest_filling``). Each block forms
+    its chunks' decays for its own value columns: a wide block over time segments does that
+    once per chunk and leading index, where narrow blocks repeat it per tile of columns.
+    Where nothing fills the multiprocessors, the narrowest tiling (the most blocks).
     """
-    for plan in plans:
-        n_blocks = n_lead * math.ceil(Dv / plan.columns)
-        P, L = segment_split(n_blocks, T, plan.shared_bytes, sms)
-        if n_blocks * P >= _FILL * sms or plan is plans[-1]:
-            return plan, P, L
-    raise ValueError("plans is empty")
+    return widest_filling(plans, n_lead, Dv, T, sms, _FILL)
 
 
 def chunked_gla_scan(call: cs.Call) -> tuple[Any, Any] | None:
