@@ -24,6 +24,7 @@ KERNELS = {
     "chunk_wgmma.cu": ["chunk_linear_scan_wg"],
     "chunk_tf32.cu": ["chunk_linear_scan_tf32"],
     "delta_chunk.cu": ["delta_chunk_prepare", "delta_chunk_scan"],
+    "delta_wgmma.cu": ["delta_chunk_scan_wg"],
     "gla_chunk.cu": ["gla_chunk_prepare", "gla_chunk_scan"],
     "segments.cu": ["segment_log_decay", "segment_prefix"],
     "delta_grad.cu": ["delta_grad_reverse", "delta_grad_forward"],
@@ -41,11 +42,13 @@ def test_sources_ship_with_their_headers_inlined(name: str) -> None:
 def test_the_shared_header_is_inlined_where_it_is_used() -> None:
     for name in ("scan.cu", "delta_grad.cu"):
         assert "#define GEOMETRY_SETUP" in cl._source(name) and "#define LOAD_STATE" in cl._source(name)
-    for name in ("chunk_mma.cu", "chunk_wgmma.cu", "delta_chunk.cu"):
+    for name in ("chunk_mma.cu", "chunk_wgmma.cu", "delta_chunk.cu", "delta_wgmma.cu"):
         assert "__device__ __forceinline__ int chunk_decays(" in cl._source(name)
     for name in ("chunk_mma.cu", "chunk_wgmma.cu", "chunk_tf32.cu", "gla_chunk.cu"):
         assert "#define LINEAR_CHUNK_PARAMS" in cl._source(name) and "void copy16(" in cl._source(name)
-    assert "__device__ __forceinline__ u64 tile_descriptor(" in cl._source("chunk_wgmma.cu")
+    for name in ("chunk_wgmma.cu", "delta_wgmma.cu"):
+        assert "__device__ __forceinline__ u64 tile_descriptor(" in cl._source(name)
+        assert cl._TARGETS[name] == ("-arch=sm_90a",)  # wgmma exists only for the architecture-specific target
     assert "__device__ __forceinline__ void share_state(" in cl._source("gla_chunk.cu")
 
 
@@ -204,3 +207,31 @@ def test_delta_tensor_core_tiles_narrow_when_the_leading_indices_are_few() -> No
     assert dc._choose(plans, 64, 128, 132).columns == 64  # (4, 2048, 16, 128): 128 blocks
     assert dc._choose(plans, 32, 128, 132).columns == 32  # (2, 16384, 16, 128): 128 blocks
     assert dc._choose(plans, 1, 128, 132).columns == 16  # the narrowest when nothing fills the GPU
+
+
+def test_delta_warpgroup_plans_fit_and_fill_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tiling of the delta rule's warpgroup scan fits an H100's shared memory; two warpgroups per block
+    while those blocks fill 70% of its 132 multiprocessors, else one (even where mma.sync's narrower tiles
+    would give more blocks: one warpgroup of 64 columns was faster at the shapes measured)."""
+    from linattn.backends import _cuda_delta_chunk as dc
+
+    limit = 227 * 1024
+    for Dk, Dv, gated in itertools.product(range(8, 129, 8), range(8, 257, 8), (False, True)):
+        plans = dc._warpgroup_plans(Dk, Dv, gated, limit)
+        assert [p.groups for p in plans] == ([2, 1] if Dv > 64 else [1]), (Dk, Dv)
+        assert all(p.dkp == 64 * -(-Dk // 64) and p.shared_bytes <= limit for p in plans), (Dk, Dv)
+    assert dc._warpgroup_plans(136, 128, True, limit) == () and dc._warpgroup_plans(128, 12, True, limit) == ()
+    plans = dc._warpgroup_plans(128, 128, True, limit)
+    # (n_lead, columns per block): (16, 2048, 16, 128), (1, 8192, 96, 128), (4, 2048, 16, 128), (2, 16384, 16, 128)
+    for n_lead, columns in ((256, 128), (96, 128), (64, 64), (32, 64), (1, 64)):
+        assert dc.choose_warpgroup(plans, n_lead, 128, 132).columns == columns, n_lead
+    assert dc.choose_warpgroup((), 96, 128, 132) is None
+    monkeypatch.setattr(dc, "_shared_limit", lambda device: limit)
+    monkeypatch.setattr(cs, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(cl, "compute_capability", lambda device: "90")
+    assert dc.warpgroup_plan(128, 128, True, 96, 0) == plans[0]
+    monkeypatch.setattr(dc, "WGMMA", False)
+    assert dc.warpgroup_plan(128, 128, True, 96, 0) is None
+    monkeypatch.setattr(dc, "WGMMA", True)
+    monkeypatch.setattr(cl, "compute_capability", lambda device: "80")  # sm_90a code runs on 9.0 alone
+    assert dc.warpgroup_plan(128, 128, True, 96, 0) is None

@@ -7,23 +7,30 @@ multiples of 8, and operands whose rows start on 16 bytes. Anything else is decl
 
 Two launches. ``delta_chunk_prepare`` runs every chunk of 64 steps at once: the WY/UT
 factor A = (I + L)⁻¹ diag(β) of the chunk (64 × 64, in two parts of the storage type),
-which does not depend on the state. ``delta_chunk_scan`` then walks each (leading index,
-tile of value columns) through its chunks in order with the state in registers: the
-corrections U = A (V − e^G ⊙ K S), the outputs, the update. A costs 4·64 bytes per step
-and leading index of k, written once and read once per tile of value columns.
+which does not depend on the state. The scan then walks each (leading index, tile of
+value columns) through its chunks in order with the state in registers: the corrections
+U = A (V − e^G ⊙ K S), the outputs, the update. A costs 4·64 bytes per step and leading
+index of k, written once and read once per tile of value columns. On Hopper GPUs
+(compute capability 9.0) the scan runs on warpgroup products (``cuda/delta_wgmma.cu``,
+tiles of 64 or 128 value columns); elsewhere ``delta_chunk_scan`` on mma.sync, whose
+tiles narrow to 16 columns where the leading indices are few.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
+from linattn.backends import _cuda_launch as cl
 from linattn.backends import _cuda_scan as cs
 from linattn.backends._cuda_chunk import _GROUP_WARPS, _ChunkPlan, _shared_limit, choose_plan, narrowing_plans
 
-# Tests and benchmarks switch the kernel off to compare with the CUDA-core one.
+# Tests and benchmarks switch the kernel off to compare with the CUDA-core one, and
+# Hopper's warpgroup scan off to compare with the mma.sync one.
 ENABLED = True
+WGMMA = True
 
 _CHUNK = 64
 _MAX_DK = 128
@@ -69,6 +76,72 @@ _FILL = 0.7
 
 def _choose(plans: tuple[_ScanPlan, ...], n_lead: int, Dv: int, sms: int) -> _ScanPlan:
     return choose_plan(plans, n_lead, Dv, sms, _FILL)
+
+
+@dataclass(frozen=True)
+class _WarpgroupPlan:
+    """The warpgroup scan's tiling: keys padded to 64, warpgroups of 64 value columns, a gate or not."""
+
+    dkp: int
+    groups: int
+    gated: bool
+
+    @property
+    def columns(self) -> int:
+        return 64 * self.groups
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.groups
+
+    @property
+    def shared_bytes(self) -> int:
+        """Swizzled 64 × 64 tiles (8 KB each, from 1 KB slack for their alignment), output staging, gates.
+
+        Tiles: two chunks of q and of k (``dkp / 64`` tiles each), of v (one per
+        warpgroup) and of A (hi, lo); per warpgroup four work tiles (the state's two parts,
+        or R, U and the decayed U). The gates as in ``_scan_shared_bytes``, and three
+        per-warp maxima.
+        """
+        blocks, warps = self.dkp // 64, 4 * self.groups
+        tiles = 4 * blocks + 2 * self.groups + 4 + 4 * self.groups
+        staging = warps * 16 * (64 + 8) * 2
+        return 1024 + 8192 * tiles + staging + 4 * 2 * _CHUNK + (8 + 4 + 4 + 8) * warps * _CHUNK + 4 * 3 * warps
+
+
+# The warpgroup scan's blocks, widest first: two warpgroups share a block's q, k and A
+# tiles; one gives twice the blocks. Tests set (1,) to run one.
+WG_GROUPS = (2, 1)
+
+
+def _warpgroup_plans(Dk: int, Dv: int, gated: bool, shared_limit: int) -> tuple[_WarpgroupPlan, ...]:
+    """The warpgroup scan's tilings for 16-bit data with these sizes, widest first (two warpgroups where Dv > 64)."""
+    if Dk > _MAX_DK or Dk % 8 or Dv % 8:
+        return ()
+    plans = (_WarpgroupPlan(64 * math.ceil(Dk / 64), groups, gated) for groups in WG_GROUPS if groups == 1 or Dv > 64)
+    return tuple(plan for plan in plans if plan.shared_bytes <= shared_limit)
+
+
+def choose_warpgroup(plans: tuple[_WarpgroupPlan, ...], n_lead: int, Dv: int, sms: int) -> _WarpgroupPlan | None:
+    """The widest of ``plans`` whose blocks give ``_FILL`` of the ``sms`` multiprocessors one, else the narrowest.
+
+    The narrowest (one warpgroup, 64 columns) runs even where the mma.sync scan's narrower
+    tiles would give more blocks: H100, bf16, (B, T, H, D) = (2, 16384, 16, 128), 64 blocks
+    of one warpgroup took 0.948 ms (gated 1.519) against 1.169 (1.569) for 128 mma.sync
+    blocks of 32 columns; (8, 1024, 8, 64) 0.068 (0.098) against 0.074 (0.105) GPU time
+    (``docs/gpu.rst``, stop 22). None: ``plans`` is empty.
+    """
+    for plan in plans:
+        if n_lead * math.ceil(Dv / plan.columns) >= _FILL * sms:
+            return plan
+    return plans[-1] if plans else None
+
+
+def warpgroup_plan(Dk: int, Dv: int, gated: bool, n_lead: int, device: int) -> _WarpgroupPlan | None:
+    """The warpgroup scan's tiling for a call on ``device`` (``choose_warpgroup``), or None: off, or not Hopper."""
+    if not WGMMA or cl.compute_capability(device) != "90":
+        return None
+    return choose_warpgroup(_warpgroup_plans(Dk, Dv, gated, _shared_limit(device)), n_lead, Dv, cs._sm_count(device))
 
 
 def _lead_index_strides(own: tuple[int, int, int], full: tuple[int, int, int]) -> list[int]:
@@ -121,13 +194,19 @@ def chunked_delta_scan(call: cs.Call) -> tuple[Any, Any] | None:
     o, oo = call.output(lead, T, Dv)
     s_out, s_out_ptr = call.empty((n_lead, Dk, Dv), "float32")
     s_in, s_in_strides = cs.state_in(sr)
-    col_blocks = math.ceil(Dv / plan.columns)
-    defines = {"ELEM_HALF": half, "GATED": gated, "DKP": plan.dkp, "VB": plan.vb, "GROUPS": plan.groups,
-               "WM": plan.wm, "HAS_SIN": int(s_in != 0)}
-    run("delta_chunk.cu", "delta_chunk_scan", defines, (n_lead * col_blocks, 1, 1), plan.threads,
+    wg = warpgroup_plan(Dk, Dv, bool(gated), n_lead, call.device)
+    scan_plan: _ScanPlan | _WarpgroupPlan = wg or plan
+    col_blocks = math.ceil(Dv / scan_plan.columns)
+    defines = {"ELEM_HALF": half, "GATED": gated, "DKP": scan_plan.dkp, "GROUPS": scan_plan.groups,
+               "HAS_SIN": int(s_in != 0)}
+    source, kernel = "delta_wgmma.cu", "delta_chunk_scan_wg"
+    if wg is None:
+        source, kernel = "delta_chunk.cu", "delta_chunk_scan"
+        defines |= {"VB": plan.vb, "WM": plan.wm}
+    run(source, kernel, defines, (n_lead * col_blocks, 1, 1), scan_plan.threads,
         [qo.ptr, ko.ptr, vo.ptr, a_hi_ptr, a_lo_ptr, a_scale_ptr, (go or qo).ptr, s_in or s_out_ptr, oo.ptr,
          s_out_ptr, T, Dk, Dv, lead3[1], lead3[2], col_blocks, *qo.strides, *ko.strides, *vo.strides, *oo.strides,
          *cs._strides(go), *_lead_index_strides(kv3, lead3), *s_in_strides],
-        plan.shared_bytes)
+        scan_plan.shared_bytes)
     state_lead = cs.broadcast_lead(tuple(r.shape for r in (kr, vr, br, gr, sr) if r is not None))
     return o, cs.final_state(s_out, lead3, state_lead, Dk, Dv)

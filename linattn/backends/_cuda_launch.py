@@ -64,7 +64,7 @@ def _source(name: str) -> str:
 
 # Sources built for one architecture's own instructions (wgmma: Hopper, sm_90a). NVRTC
 # takes this target over the -arch=sm_XX that CuPy adds for the current device.
-_TARGETS = {"chunk_wgmma.cu": ("-arch=sm_90a",)}
+_TARGETS = {"chunk_wgmma.cu": ("-arch=sm_90a",), "delta_wgmma.cu": ("-arch=sm_90a",)}
 
 
 @functools.cache

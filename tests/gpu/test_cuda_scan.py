@@ -207,6 +207,44 @@ def delta_tensor_core_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return _record_calls(monkeypatch, _cuda_delta_chunk, "chunked_delta_scan")
 
 
+@pytest.fixture(params=["wgmma", "wgmma, one warpgroup", "mma.sync"])
+def delta_kernel(request: pytest.FixtureRequest, cp: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The delta rule's tensor-core scan under test: on warpgroup products (Hopper only; two warpgroups per block
+    where Dv > 64, or one) or on mma.sync.
+
+    The warpgroup variants run their tiling whatever the blocks' count (``_FILL`` 0), so
+    that the small problems here reach them; "mma.sync" switches them off.
+    """
+    from linattn.backends import _cuda_delta_chunk
+    from linattn.backends import _cuda_launch as cl
+
+    wgmma = request.param.startswith("wgmma")
+    if wgmma and cl.compute_capability(cp.cuda.Device().id) != "90":
+        pytest.skip("warpgroup products (wgmma) need a Hopper GPU (compute capability 9.0)")
+    monkeypatch.setattr(_cuda_delta_chunk, "WGMMA", wgmma)
+    if wgmma:
+        monkeypatch.setattr(_cuda_delta_chunk, "_FILL", 0.0)
+    if request.param.endswith("one warpgroup"):
+        monkeypatch.setattr(_cuda_delta_chunk, "WG_GROUPS", (1,))
+    return request.param
+
+
+@pytest.fixture
+def launched_kernels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the kernels launched through ``_cuda_launch.function``, in order."""
+    from linattn.backends import _cuda_launch as cl
+
+    names: list[str] = []
+    function = cl.function
+
+    def recording(source: str, name: str, *args: Any) -> Any:
+        names.append(name)
+        return function(source, name, *args)
+
+    monkeypatch.setattr(cl, "function", recording)
+    return names
+
+
 @pytest.fixture(params=["wgmma", "mma.sync"])
 def linear_kernel(request: pytest.FixtureRequest, cp: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     """The linear scan's tensor-core kernel under test: on warpgroup products (Hopper only) or on mma.sync.
@@ -593,8 +631,10 @@ def delta_tensor_core_problems(draw: Any) -> dict[str, Any]:
 @GPU_SETTINGS
 @given(delta_tensor_core_problems(), st.integers(1, 2), st.booleans())
 def test_delta_tensor_core_kernels_match_the_reference(cp: Any, delta_tensor_core_calls: list[bool],
+                                                       launched_kernels: list[str], delta_kernel: str,
                                                        problem: dict[str, Any], groups: int, widest: bool) -> None:
-    """cuda/delta_chunk.cu against the loop: GQA, β up to 2 (negative eigenvalues), every gate regime, every tiling.
+    """cuda/delta_chunk.cu and delta_wgmma.cu against the loop: GQA, β up to 2 (negative eigenvalues), every gate
+    regime, every tiling.
 
     With |k| = 1 and β in [0, 2] every transition is a contraction (eigenvalues in
     [−1, 1]; the "mixed" gates' growth is bounded over these lengths), so rounding errors
@@ -605,6 +645,7 @@ def test_delta_tensor_core_kernels_match_the_reference(cp: Any, delta_tensor_cor
     host = _delta_inputs(problem, groups)
     o_ref, s_ref = delta_scan(**host, form="recurrent")
     delta_tensor_core_calls.clear()
+    launched_kernels.clear()
     fill = _cuda_delta_chunk._FILL
     _cuda_delta_chunk._FILL = 0.0 if widest else fill  # 0: the widest tiling; else (few leading indices) narrow ones
     try:
@@ -612,12 +653,15 @@ def test_delta_tensor_core_kernels_match_the_reference(cp: Any, delta_tensor_cor
     finally:
         _cuda_delta_chunk._FILL = fill
     assert delta_tensor_core_calls == [True]  # this call ran on the tensor-core kernels
+    scan = "delta_chunk_scan_wg" if delta_kernel.startswith("wgmma") else "delta_chunk_scan"
+    assert launched_kernels[-1] == scan, launched_kernels
     n = problem["T"] * problem["Dk"]
-    _check(o, o_ref, "float16", n, f"outputs of {problem}, groups={groups}, widest={widest}")
-    _check(s, s_ref, "float32", n, f"final state of {problem}, groups={groups}, widest={widest}")
+    where = f"{problem}, groups={groups}, widest={widest}, {delta_kernel}"
+    _check(o, o_ref, "float16", n, f"outputs of {where}")
+    _check(s, s_ref, "float32", n, f"final state of {where}")
 
 
-@pytest.mark.usefixtures("nan_memory")
+@pytest.mark.usefixtures("nan_memory", "delta_kernel")
 def test_delta_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: Any,
                                                                          delta_tensor_core_calls: list[bool]) -> None:
     """T = 2500, gated (40 chunks): the reference, two runs bitwise equal, a prefix run against the long run."""
@@ -632,6 +676,7 @@ def test_delta_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: An
     assert delta_tensor_core_calls == [True] * 3
 
 
+@pytest.mark.usefixtures("delta_kernel")
 def test_delta_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, delta_tensor_core_calls: list[bool]) -> None:
     """PyTorch bfloat16 (B, T, H, D) data as (B, H, T, D) views, GQA by broadcasting: no float32 copy in or out."""
     torch = _torch_with_cuda()

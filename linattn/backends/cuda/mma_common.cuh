@@ -55,10 +55,11 @@ __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u3
 }
 
 // Four 8x8 tiles of 16-bit values; lane l gives the address of row l%8 of tile l/8.
-__device__ __forceinline__ void ldsm(u32 (&r)[4], const ELEM* p) {
+__device__ __forceinline__ void ldsm(u32 (&r)[4], u32 address) {  // `address`: a shared-memory address
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address) : "memory");
 }
+__device__ __forceinline__ void ldsm(u32 (&r)[4], const ELEM* p) { ldsm(r, shared_address(p)); }
 
 __device__ __forceinline__ void ldsm_t(u32 (&r)[4], const ELEM* p) {  // the tiles transposed
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"

@@ -42,10 +42,12 @@ __device__ __forceinline__ u64 tile_descriptor(u32 base16, u32 bytes) {
 // Four 8 x 8 tiles of 16-bit values from registers into shared memory, ldmatrix's inverse:
 // register i of lane l holds row l / 4, columns 2 (l % 4) and +1 of tile i; lane l gives the
 // address of row l % 8 of tile l / 8.
-__device__ __forceinline__ void stsm(ELEM* p, const u32 (&r)[4]) {
+// (`address`: a shared-memory address.)
+__device__ __forceinline__ void stsm(u32 address, const u32 (&r)[4]) {
     asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};"
-                 ::"r"(shared_address(p)), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+                 ::"r"(address), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
 }
+__device__ __forceinline__ void stsm(ELEM* p, const u32 (&r)[4]) { stsm(shared_address(p), r); }
 
 #define WG_D32(d)                                                                                                  \
     "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),      \

@@ -1,0 +1,489 @@
+// The delta rule's chunked scan on Hopper's warpgroup products (wgmma, sm_90a): the scan of
+// delta_chunk.cu (its arithmetic, arguments and A from delta_chunk_prepare), with every
+// product a 64 x 64 x 16 warpgroup product instead of mma.sync tiles.
+//
+//   S_t = e^{g_t} (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,   o_t = S_t^T q_t   (g_t = 0 ungated)
+//
+// For a chunk of C = 64 steps entering with state S, with G_i = g_0 + ... + g_i inside it and
+// A = (I + L)^{-1} diag(b) from delta_chunk_prepare:
+//
+//   R = V - e^{G} ⊙ K S,   U = A R,
+//   o_i = e^{G_i} q_i^T S + sum_{j <= i} e^{G_i - G_j} (q_i . k_j) u_j,
+//   S_exit = e^{G_C} S + K^T (U ⊙ e^{G_C - G}).
+//
+// Work split: one block per (leading index, tile of GROUPS x 64 value columns) walks the
+// chunks in order, with GROUPS warpgroups that share the q, k and A tiles; warpgroup g owns
+// 64 of the value columns and holds their state (DKP x 64, float32) in accumulator
+// registers. Per chunk a warpgroup issues, each a 64 x 64 x 16 product:
+//
+//   O = Q S_hi + Q S_lo,  X = K S_hi + K S_lo     (2 x 2 DKP/16; the state's parts MN-major)
+//   P = Q K^T                                      (DKP/16; the scores, masked and decayed after)
+//   U = A_hi R_hi + A_hi R_lo + A_lo R_hi          (12; R = V - e^{G} ⊙ X through shared memory)
+//   O += P_hi U_hi + P_hi U_lo + P_lo U_hi         (12; P's parts from registers)
+//   S += K^T W_hi + K^T W_lo                       (2 DKP/16; W = U ⊙ e^{G_C - G}, or U ungated)
+//
+// The group's work tiles (four 8 KB tiles) hold the entering state's two parts, then R once
+// the products that read the state are done, then U and W (W where R was, once U = A R is
+// done); each reuse waits at a barrier of the warpgroup. Tiles of q, k, v and A are copied
+// with cp.async one chunk ahead, in the 128-byte swizzled layout of wgmma_common.cuh.
+//
+// Precision is delta_chunk.cu's: q, k and v enter the products as stored; A, R, U, W, the
+// state and the decayed scores enter in two parts x = hi + lo of the storage type, and a
+// product of two split operands keeps hi hi + hi lo + lo hi. float16 scales them by powers of
+// two so that both parts stay in range: R, U and W per warpgroup, the scores per warp, the
+// state per block (A's scale, per chunk, comes with it from delta_chunk_prepare).
+//
+// Compile-time parameters (-D): ELEM_HALF (float16, else bfloat16), DKP (keys padded to a
+// multiple of 64, at most 128), GROUPS (warpgroups, each 64 value columns), GATED, HAS_SIN.
+// Compiled for sm_90a. Strides and layouts as in delta_chunk.cu.
+
+#define CH 64
+#define NWARPS (4 * GROUPS)
+#define NTHREADS (NWARPS * 32)
+#define QKS (DKP + 8)  // unused here: mma_common.cuh's mma.sync score helper reads it
+#define KB (DKP / 64)  // 64-key blocks
+#define VBB (GROUPS * 64)
+#define OS 72          // row stride of the output staging rows (+16 bytes against bank conflicts)
+#define SCALED ELEM_HALF
+// Byte offsets of the tiles (8 KB each) from the first.
+#define Q_AT 0
+#define K_AT (Q_AT + 2 * KB * TILE_BYTES)
+#define V_AT (K_AT + 2 * KB * TILE_BYTES)
+#define A_AT (V_AT + 2 * GROUPS * TILE_BYTES)  // [2 chunks][hi, lo]
+#define WORK_AT (A_AT + 4 * TILE_BYTES)        // [GROUPS][4]: the state (hi: KB tiles, lo: KB), or R, U, W
+#define END_AT (WORK_AT + 4 * GROUPS * TILE_BYTES)
+// Tiles of a group's work area: R and W (hi, lo) at 0 and 1, U at 2 and 3.
+#define R_TILE 0
+#define U_TILE 2
+#define W_TILE (GATED ? 0 : U_TILE)
+
+#include "mma_common.cuh"
+#include "wgmma_common.cuh"
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+delta_chunk_scan_wg(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ v,
+                    const ELEM* __restrict__ a_hi, const ELEM* __restrict__ a_lo, const float* __restrict__ a_scale,
+                    const ELEM* __restrict__ g, const float* __restrict__ s_in, ELEM* __restrict__ o,
+                    float* __restrict__ s_out, i64 T, int Dk, int Dv, i64 n1, i64 n2, int col_blocks,
+                    i64 qs0, i64 qs1, i64 qs2, i64 qts, i64 ks0, i64 ks1, i64 ks2, i64 kts,
+                    i64 vs0, i64 vs1, i64 vs2, i64 vts, i64 os0, i64 os1, i64 os2, i64 ots,
+                    i64 gs0, i64 gs1, i64 gs2, i64 gts, i64 ls0, i64 ls1, i64 ls2,
+                    i64 ss0, i64 ss1, i64 ss2, i64 sseg, i64 srow, i64 scol) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    // Swizzled tiles start on 1024 bytes (the launcher adds the slack).
+    ELEM* tiles = reinterpret_cast<ELEM*>(smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023));
+    ELEM* sq = tiles + Q_AT / 2;      // [2][KB] tiles: two chunks in flight
+    ELEM* sk = tiles + K_AT / 2;      // [2][KB]
+    ELEM* sv = tiles + V_AT / 2;      // [2][GROUPS]
+    ELEM* sa = tiles + A_AT / 2;      // [2][2]: A's hi and lo parts
+    // (then, from WORK_AT, [GROUPS][4] work tiles)
+    ELEM* so = tiles + END_AT / 2;    // [NWARPS][16][OS] output staging
+    float* sg = reinterpret_cast<float*>(so + NWARPS * 16 * OS);  // [2][CH] log-gates
+    double* sG = reinterpret_cast<double*>(sg + 2 * CH);          // [NWARPS][CH] cumulative log-gates
+    [[maybe_unused]] float* sE = reinterpret_cast<float*>(sG + NWARPS * CH);  // [NWARPS][CH] e^{G_i}
+    [[maybe_unused]] float* sW = sE + NWARPS * CH;                           // [NWARPS][CH] e^{G_C - G_j}
+    [[maybe_unused]] float* sC = sW + NWARPS * CH;                           // [NWARPS][2 CH] score factors
+    [[maybe_unused]] float* sred = sC + 2 * NWARPS * CH;                     // [3][NWARPS] per-warp maxima
+
+    // The warp, its warpgroup and its place there, known to the compiler as warp-uniform (a shuffle).
+    const int warp = __shfl_sync(FULL, threadIdx.x >> 5, 0), lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int group = warp >> 2, gw = warp & 3;
+    const int c0 = (blockIdx.x % col_blocks) * VBB, cg = c0 + group * 64;  // the block's and the group's columns
+    const i64 lead = blockIdx.x / col_blocks;
+    const i64 la = lead / (n1 * n2), lb = (lead / n2) % n1, lc = lead % n2;
+    const int n_chunks = (int)((T + CH - 1) / CH);
+    const ELEM* qb = q + la * qs0 + lb * qs1 + lc * qs2;
+    const ELEM* kb = k + la * ks0 + lb * ks1 + lc * ks2;
+    const ELEM* vb = v + la * vs0 + lb * vs1 + lc * vs2 + c0;
+    // A and its scales belong to the leading index of k, b and g (ls: its strides, 0 broadcasts).
+    const i64 kv_lead = la * ls0 + lb * ls1 + lc * ls2;
+    const ELEM* ahb = a_hi + kv_lead * n_chunks * (i64)(CH * CH);
+    const ELEM* alb = a_lo + kv_lead * n_chunks * (i64)(CH * CH);
+    [[maybe_unused]] const float* asb = a_scale + kv_lead * n_chunks;
+    [[maybe_unused]] const ELEM* gb = g + la * gs0 + lb * gs1 + lc * gs2;
+    ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + cg;
+
+    // The group's state: S[h] holds key rows 64h + 16 gw + gid + 8 (e / 2), columns cg + 8t + 2 tig + e % 2.
+    float S[KB][8][4];
+    auto for_each_state = [&](auto f) {
+#pragma unroll
+        for (int h = 0; h < KB; ++h)
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    f(h, t, e, 64 * h + 16 * gw + gid + (e >> 1) * 8, 8 * t + 2 * tig + (e & 1));
+    };
+    for_each_state([&](int h, int t, int e, [[maybe_unused]] int d, [[maybe_unused]] int c) {
+        S[h][t][e] = 0.f;
+#if HAS_SIN
+        if (d < Dk && cg + c < Dv) S[h][t][e] = s_in[la * ss0 + lb * ss1 + lc * ss2 + d * srow + (cg + c) * scol];
+#endif
+    });
+
+    // This thread's 16-byte pieces of a chunk's tiles, as in chunk_wgmma.cu: key columns kc .. kc + 7
+    // of rows kr + K_ROWS it (q and k), value columns vc .. vc + 7 of rows vr + V_ROWS it, and
+    // columns ac .. ac + 7 of rows ar + A_ROWS it of A's two parts (its chunk's 8 KB, contiguous).
+    constexpr int KEY_PIECES = DKP / 8, COL_PIECES = VBB / 8;
+    constexpr int K_ROWS = NTHREADS / KEY_PIECES, V_ROWS = NTHREADS / COL_PIECES, A_ROWS = NTHREADS / 8;
+    const int kr = threadIdx.x / KEY_PIECES, kc = (threadIdx.x % KEY_PIECES) * 8;
+    const int vr = threadIdx.x / COL_PIECES, vc = (threadIdx.x % COL_PIECES) * 8;
+    const int ar = threadIdx.x / 8, ac = (threadIdx.x % 8) * 8;
+    const int k_at = (kc / 64) * WG_TILE + swizzled(kr, kc % 64), v_at = (vc / 64) * WG_TILE + swizzled(vr, vc % 64);
+    const int a_at = swizzled(ar, ac);
+    const bool k_cols = kc < Dk, v_cols = c0 + vc < Dv;
+    const ELEM* q_next = qb + kr * qts + kc;  // the next chunk's first rows
+    const ELEM* k_next = kb + kr * kts + kc;
+    const ELEM* v_next = vb + vr * vts + vc;
+    // With a gate the row loops are not unrolled: unrolled, the compiler kept a 64-bit offset per
+    // row step and stride for the whole kernel and spilled registers (H100, bf16, (16, 2048, 16,
+    // 128): 0.84 -> 0.75 ms with this and the `piece` addresses below). Without one, unrolled is faster.
+    auto load_chunk = [&](int n, int buf) {
+        const i64 t0 = (i64)n * CH;
+        const ELEM* qp = q_next;
+        const ELEM* kp = k_next;
+#if GATED
+#pragma unroll 1
+#else
+#pragma unroll
+#endif
+        for (int it = 0; it < CH / K_ROWS; ++it, qp += K_ROWS * qts, kp += K_ROWS * kts) {
+            const bool ok = k_cols && t0 + kr + it * K_ROWS < T;
+            const int at = buf * KB * WG_TILE + k_at + it * K_ROWS * 64;
+            copy16(sq + at, ok ? qp : qb, ok);
+            copy16(sk + at, ok ? kp : kb, ok);
+        }
+        const ELEM* vp = v_next;
+#if GATED
+#pragma unroll 1
+#else
+#pragma unroll
+#endif
+        for (int it = 0; it < CH / V_ROWS; ++it, vp += V_ROWS * vts) {
+            const bool ok = v_cols && t0 + vr + it * V_ROWS < T;
+            copy16(sv + buf * GROUPS * WG_TILE + v_at + it * V_ROWS * 64, ok ? vp : vb, ok);
+        }
+        const i64 a_from = (i64)n * CH * CH + ar * CH + ac;
+#pragma unroll
+        for (int it = 0; it < CH / A_ROWS; ++it) {
+            const int at = 2 * buf * WG_TILE + a_at + it * A_ROWS * 64;
+            copy16(sa + at, ahb + a_from + it * A_ROWS * CH, true);
+            copy16(sa + WG_TILE + at, alb + a_from + it * A_ROWS * CH, true);
+        }
+        copy_commit();
+        q_next += CH * qts;
+        k_next += CH * kts;
+        v_next += CH * vts;
+    };
+    [[maybe_unused]] auto load_gate = [&](int n) { return chunk_gate(gb, (i64)n * CH + threadIdx.x, T, gts); };
+
+    // A 64 x 64 tile held as this warp's 16 rows in accumulator layout, times `scale` and a factor
+    // per row (f0: rows gid, f1: rows gid + 8 of the warp's 16), into two swizzled tiles of the
+    // group's work area (hi, lo: tile indices), as a B operand whose rows are K: per pair of
+    // 8-column tiles j, one stmatrix of four 8 x 8 tiles per part. Tile i holds columns 8 (2j + i / 2),
+    // rows 8 (i % 2) of the warp's 16; lane l addresses row l % 8 of tile l / 8, whose 16 bytes are
+    // one swizzled piece: `piece[j]` bytes into a tile. The same addresses give ldmatrix (not
+    // transposed) the warp's rows of a tile in accumulator layout. Shared addresses as 32-bit
+    // integers plus compile-time tile offsets, so that the compiler keeps four of them, not one
+    // per tile (it spilled those).
+    const int st_row = 16 * gw + 8 * ((lane >> 3) & 1) + (lane & 7), st_col = lane >> 4;
+    u32 piece[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) piece[j] = 2 * (st_row * 64 + (((2 * j + st_col) ^ lane) & 7) * 8);
+    const u32 tiles_at = shared_address(tiles);
+    const u32 work_shared = tiles_at + WORK_AT + group * 4 * TILE_BYTES;
+    auto share_rows = [&](const float (&x)[8][4], float f0, float f1, int hi_tile, int lo_tile) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            u32 h[4], l[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float* y = x[2 * j + i / 2] + 2 * (i % 2);
+                const float f = (i % 2) ? f1 : f0;
+                split2(y[0] * f, y[1] * f, h[i], l[i]);
+            }
+            stsm(work_shared + hi_tile * TILE_BYTES + piece[j], h);
+            stsm(work_shared + lo_tile * TILE_BYTES + piece[j], l);
+        }
+    };
+    // The state times `scale` into the group's work tiles: key block h's hi part in tile h, lo in KB + h.
+    auto share_state = [&](float scale) {
+#pragma unroll
+        for (int h = 0; h < KB; ++h) share_rows(S[h], scale, scale, h, KB + h);
+    };
+    [[maybe_unused]] auto state_max = [&]() {
+        float m = 0.f;
+        for_each_state([&](int h, int t, int e, int, int) { m = fmaxf(m, fabsf(S[h][t][e])); });
+        return warp_max(m);
+    };
+    // The power of two that keeps the group's values of magnitude up to m (this warp's) in float16's
+    // range, through per-warp slots; a barrier of the warpgroup.
+    [[maybe_unused]] auto group_scale = [&](float m, float* slots) {
+        m = warp_max(m);
+        if (lane == 0) slots[warp] = m;
+        group_barrier(group);
+        return pow2_scale(max_of<4>(slots + 4 * group));
+    };
+    [[maybe_unused]] auto tile_max = [&](const float (&x)[8][4], float f0, float f1) {
+        float m = 0.f;
+#pragma unroll
+        for (int t = 0; t < 8; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(x[t][e] * ((e >> 1) ? f1 : f0)));
+        return m;
+    };
+
+    // The products' descriptors count from the first tile (in 16-byte units).
+    const u32 base16 = shared_address(tiles) >> 4;
+    const u32 work_at = WORK_AT + group * 4 * TILE_BYTES;
+    const int row_a = 16 * gw + gid, row_b = row_a + 8;  // this thread's rows of a chunk
+
+    float state_scale = 1.f;  // the shared state holds S * state_scale
+    load_chunk(0, 0);
+#if GATED
+    ELEM g_next = load_gate(0);
+    if (threadIdx.x < CH) sg[threadIdx.x] = to_f(g_next);
+#endif
+#if SCALED
+    {
+        const float m = state_max();
+        if (lane == 0) sred[warp] = m;
+    }
+    __syncthreads();
+    state_scale = pow2_scale(max_of<NWARPS>(sred));
+#endif
+    share_state(state_scale);
+
+    for (int n = 0; n < n_chunks; ++n) {
+        const int buf = n & 1;
+        copy_wait();
+        fence_async_shared();
+        __syncthreads();  // chunk n is in shared memory, and so is the state entering it
+        if (n + 1 < n_chunks) load_chunk(n + 1, buf ^ 1);
+        const u32 qk_at = buf * KB * TILE_BYTES;  // this chunk's q and k tiles, from Q_AT and K_AT
+        float row_decay[2] = {1.f, 1.f};          // e^{G_i} of this thread's rows
+        [[maybe_unused]] float key_decay[2] = {1.f, 1.f};  // e^{G_C - G_j} of the same rows as keys
+#if GATED
+        if (n + 1 < n_chunks) g_next = load_gate(n + 1);
+        double* G = sG + warp * CH;  // each warp its own copy: no block barrier needed
+        const int factored = chunk_decays(sg + buf * CH, 16 * gw, G, sE + warp * CH, sW + warp * CH,
+                                          sC + warp * 2 * CH, true);
+        row_decay[0] = sE[warp * CH + row_a];
+        row_decay[1] = sE[warp * CH + row_b];
+        key_decay[0] = sW[warp * CH + row_a];
+        key_decay[1] = sW[warp * CH + row_b];
+#endif
+
+        // O = Q S, X = K S (the state's parts), then the scores P = Q K^T: three commit groups.
+        float O[8][4], X[8][4], P[8][4];
+        auto times_state = [&](float (&d)[8][4], u32 a_tiles) {  // d = A S for the q or k tiles at a_tiles
+#pragma unroll
+            for (int kk = 0; kk < DKP / 16; ++kk) {  // the state's key rows 16 kk .. 16 kk + 15
+                const u64 a = tile_descriptor<false>(base16, a_tiles + (kk / 4) * TILE_BYTES + (kk % 4) * K_STEP);
+                const u32 at = work_at + (kk / 4) * TILE_BYTES + (kk % 4) * MN_STEP;
+                wgmma_ss<0, 1>(d, a, tile_descriptor<true>(base16, at), kk > 0);
+                wgmma_ss<0, 1>(d, a, tile_descriptor<true>(base16, at + KB * TILE_BYTES), true);
+            }
+            wgmma_commit();
+        };
+        wgmma_fence();
+        times_state(O, Q_AT + qk_at);
+        times_state(X, K_AT + qk_at);
+#pragma unroll
+        for (int kk = 0; kk < DKP / 16; ++kk) {  // 16 keys: block kk / 4, 32 bytes into its rows per step
+            const u32 at = qk_at + (kk / 4) * TILE_BYTES + (kk % 4) * K_STEP;
+            wgmma_ss<0, 0>(P, tile_descriptor<false>(base16, Q_AT + at), tile_descriptor<false>(base16, K_AT + at),
+                           kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        wgmma_pin(O);
+        wgmma_pin(X);
+
+        // R = V - e^{G} ⊙ K S into the work tiles, once every warp of the group is done with the state.
+        {
+            const float f[2] = {row_decay[0] / state_scale, row_decay[1] / state_scale};
+            const u32 v_shared = tiles_at + V_AT + (buf * GROUPS + group) * TILE_BYTES;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                u32 r[4];
+                ldsm(r, v_shared + piece[j]);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {  // as share_rows' registers: X[2j + i / 2], rows gid + 8 (i % 2)
+                    const float2 x = unpack2(r[i]);
+                    float* y = X[2 * j + i / 2] + 2 * (i % 2);
+                    y[0] = x.x - f[i % 2] * y[0];
+                    y[1] = x.y - f[i % 2] * y[1];
+                }
+            }
+        }
+        float r_scale = 1.f;
+#if SCALED
+        r_scale = group_scale(tile_max(X, 1.f, 1.f), sred);
+#else
+        group_barrier(group);
+#endif
+        share_rows(X, r_scale, r_scale, R_TILE, R_TILE + 1);
+        fence_async_shared();
+        group_barrier(group);  // R is whole
+
+        // U = A R (three products of two parts per 16 steps).
+        float U[8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const u64 ah = tile_descriptor<false>(base16, A_AT + 2 * buf * TILE_BYTES + kk * K_STEP);
+            const u64 al = tile_descriptor<false>(base16, A_AT + (2 * buf + 1) * TILE_BYTES + kk * K_STEP);
+            const u32 at = work_at + R_TILE * TILE_BYTES + kk * MN_STEP;
+            wgmma_ss<0, 1>(U, ah, tile_descriptor<true>(base16, at), kk > 0);
+            wgmma_ss<0, 1>(U, ah, tile_descriptor<true>(base16, at + TILE_BYTES), true);
+            wgmma_ss<0, 1>(U, al, tile_descriptor<true>(base16, at), true);
+        }
+        wgmma_commit();
+
+        // Meanwhile the scores: masked, decayed, split in two parts as A operands.
+        wgmma_wait<1>();
+        wgmma_pin(P);
+#if GATED
+        mask_scores<true>(P, gw, G, sC + warp * 2 * CH, factored);
+#else
+        mask_scores<true>(P, gw, nullptr, nullptr, false);
+#endif
+        const float score_scale = score_scale_of(P);
+        u32 ph[4][4], pl[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const float* s = P[2 * kk + (r >> 1)] + (r & 1) * 2;
+                split2(s[0] * score_scale, s[1] * score_scale, ph[kk][r], pl[kk][r]);
+            }
+        wgmma_wait<0>();
+        wgmma_pin(U);
+        {
+            float unscale = 1.f / r_scale;
+#if SCALED
+            unscale /= asb[n];
+#endif
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) U[t][e] *= unscale;
+        }
+
+        // U and W = U ⊙ e^{G_C - G} into the work tiles (W where R was: after every warp's U = A R).
+        float u_scale = 1.f, w_scale = 1.f;
+#if SCALED
+        {
+            float m[2] = {tile_max(U, 1.f, 1.f), tile_max(U, key_decay[0], key_decay[1])};
+            m[0] = warp_max(m[0]);
+            m[1] = warp_max(m[1]);
+            if (lane == 0) {
+                sred[NWARPS + warp] = m[0];
+                sred[2 * NWARPS + warp] = m[1];
+            }
+            group_barrier(group);
+            u_scale = pow2_scale(max_of<4>(sred + NWARPS + 4 * group));
+            w_scale = GATED ? pow2_scale(max_of<4>(sred + 2 * NWARPS + 4 * group)) : u_scale;
+        }
+#else
+        group_barrier(group);
+#endif
+        share_rows(U, u_scale, u_scale, U_TILE, U_TILE + 1);
+#if GATED
+        share_rows(U, w_scale * key_decay[0], w_scale * key_decay[1], W_TILE, W_TILE + 1);
+#endif
+        fence_async_shared();
+        group_barrier(group);  // U and W are whole
+
+        // O = e^{G_i} Q S + P U, in units of score_scale u_scale; S <- e^{G_C} S + K^T W.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float f = score_scale * u_scale / state_scale * row_decay[h];
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                O[t][2 * h] *= f;
+                O[t][2 * h + 1] *= f;
+            }
+        }
+        {
+            float f = w_scale;  // the shared W holds W * w_scale
+#if GATED
+            f *= sE[warp * CH + CH - 1];  // e^{G_C}
+#endif
+            if (f != 1.f) for_each_state([&](int h, int t, int e, int, int) { S[h][t][e] *= f; });
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const u32 at = work_at + U_TILE * TILE_BYTES + kk * MN_STEP;
+            const u64 uh = tile_descriptor<true>(base16, at), ul = tile_descriptor<true>(base16, at + TILE_BYTES);
+            wgmma_rs<1>(O, ph[kk], uh);
+            wgmma_rs<1>(O, ph[kk], ul);
+            wgmma_rs<1>(O, pl[kk], uh);
+        }
+#pragma unroll
+        for (int h = 0; h < KB; ++h)
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                const u64 a = tile_descriptor<true>(base16, K_AT + qk_at + h * TILE_BYTES + kk * MN_STEP);
+                const u32 at = work_at + W_TILE * TILE_BYTES + kk * MN_STEP;
+                wgmma_ss<1, 1>(S[h], a, tile_descriptor<true>(base16, at), true);
+                wgmma_ss<1, 1>(S[h], a, tile_descriptor<true>(base16, at + TILE_BYTES), true);
+            }
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_pin(O);
+#pragma unroll
+        for (int h = 0; h < KB; ++h) wgmma_pin(S[h]);
+        if (w_scale != 1.f) {
+            const float f = 1.f / w_scale;
+            for_each_state([&](int h, int t, int e, int, int) { S[h][t][e] *= f; });
+        }
+
+        {   // Stage this warp's 16 output rows, then write them in 16-byte pieces.
+            ELEM* stage = so + warp * 16 * OS;
+            const float unscale = 1.f / (score_scale * u_scale);
+#pragma unroll
+            for (int t = 0; t < 8; t += 2) {  // stmatrix as in share_rows
+                u32 r[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float* x = O[t + i / 2] + 2 * (i % 2);
+                    r[i] = pack2(x[0] * unscale, x[1] * unscale);
+                }
+                stsm(stage + (st_row - 16 * gw) * OS + (t + st_col) * 8, r);
+            }
+            __syncwarp();
+            const i64 t0 = (i64)n * CH + 16 * gw;
+#pragma unroll
+            for (int it = 0; it < 4; ++it) {
+                const int p = lane + it * 32, r = p / 8, c = (p % 8) * 8;
+                if (t0 + r < T && cg + c < Dv)
+                    *reinterpret_cast<uint4*>(ob + (t0 + r) * ots + c) = *reinterpret_cast<const uint4*>(stage + r * OS + c);
+            }
+        }
+#if SCALED
+        {
+            const float m = state_max();
+            if (lane == 0) sred[warp] = m;
+        }
+#endif
+        __syncthreads();  // every warp is done with the work tiles and chunk n's gates
+#if GATED
+        if (n + 1 < n_chunks && threadIdx.x < CH) sg[(buf ^ 1) * CH + threadIdx.x] = to_f(g_next);
+#endif
+        if (n + 1 < n_chunks) {
+#if SCALED
+            state_scale = pow2_scale(max_of<NWARPS>(sred));
+#endif
+            share_state(state_scale);
+        }
+    }
+
+    // The exit state: s_out[lead][Dk][Dv].
+    float* out = s_out + lead * Dk * (i64)Dv;
+    for_each_state([&](int h, int t, int e, int d, int c) {
+        if (d < Dk && cg + c < Dv) out[(i64)d * Dv + cg + c] = S[h][t][e];
+    });
+}
