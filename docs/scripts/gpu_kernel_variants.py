@@ -5,8 +5,9 @@ Run on the GPU machine (PyTorch, Triton; FLA optional)::
     PYTHONPATH=. python docs/scripts/gpu_kernel_variants.py [--shapes 1x8192x96x128 ...] [--ops delta ...]
 
 Variants: the tensor-core chunked kernels with float32-accurate intermediates, the linear
-scan's on Hopper's warpgroup products ("wg", the default where the GPU has them) or on
-mma.sync ("tc"); the linear scan's with intermediates rounded once to the storage type
+scan's and the delta rule's on Hopper's warpgroup products ("wg", the default where the
+GPU has them; "wg-one": the delta rule's with one warpgroup per block) or on mma.sync
+("tc"); the linear scan's with intermediates rounded once to the storage type
 ("wg-round", "tc-round", as FLA does; linear and simple_gla only); and the CUDA-core
 recurrent kernels ("cuda-core"). For each shape and op (linear, simple_gla, gla, delta, gated_delta)
 it prints the relative error of every variant against a float64 reference (on the GPU)
@@ -28,11 +29,16 @@ from linattn.backends import _cuda_chunk, _cuda_delta_chunk, _cuda_gla_chunk
 from linattn.delta_scan import delta_scan
 from linattn.scan import causal_scan
 
-_OTHERS_ON = {(_cuda_delta_chunk, "ENABLED"): True, (_cuda_gla_chunk, "ENABLED"): True}
+_OTHERS_ON = {(_cuda_delta_chunk, "ENABLED"): True, (_cuda_gla_chunk, "ENABLED"): True,
+              (_cuda_delta_chunk, "WG_GROUPS"): (2, 1)}
+_WG = {(_cuda_chunk, "WGMMA"): True, (_cuda_delta_chunk, "WGMMA"): True}
 VARIANTS = {
-    "wg": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "WGMMA"): True, (_cuda_chunk, "SPLIT"): True, **_OTHERS_ON},
-    "tc": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "WGMMA"): False, (_cuda_chunk, "SPLIT"): True,
-           **_OTHERS_ON},
+    "wg": {(_cuda_chunk, "ENABLED"): True, **_WG, (_cuda_chunk, "SPLIT"): True, **_OTHERS_ON},
+    # The delta rule's warpgroup scan with one warpgroup (64 value columns) per block wherever it runs.
+    "wg-one": {(_cuda_chunk, "ENABLED"): True, **_WG, (_cuda_chunk, "SPLIT"): True, **_OTHERS_ON,
+               (_cuda_delta_chunk, "WG_GROUPS"): (1,)},
+    "tc": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "WGMMA"): False, (_cuda_delta_chunk, "WGMMA"): False,
+           (_cuda_chunk, "SPLIT"): True, **_OTHERS_ON},
     "wg-round": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "WGMMA"): True, (_cuda_chunk, "SPLIT"): False},
     "tc-round": {(_cuda_chunk, "ENABLED"): True, (_cuda_chunk, "WGMMA"): False, (_cuda_chunk, "SPLIT"): False},
     "cuda-core": {(_cuda_chunk, "ENABLED"): False, (_cuda_delta_chunk, "ENABLED"): False,
