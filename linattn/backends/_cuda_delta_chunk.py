@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from linattn.backends import _cuda_chunk
 from linattn.backends import _cuda_launch as cl
 from linattn.backends import _cuda_scan as cs
 from linattn.backends._cuda_chunk import _GROUP_WARPS, _ChunkPlan, _shared_limit, choose_plan, narrowing_plans
@@ -79,20 +80,8 @@ def _choose(plans: tuple[_ScanPlan, ...], n_lead: int, Dv: int, sms: int) -> _Sc
 
 
 @dataclass(frozen=True)
-class _WarpgroupPlan:
-    """The warpgroup scan's tiling: keys padded to 64, warpgroups of 64 value columns, a gate or not."""
-
-    dkp: int
-    groups: int
-    gated: bool
-
-    @property
-    def columns(self) -> int:
-        return 64 * self.groups
-
-    @property
-    def threads(self) -> int:
-        return 128 * self.groups
+class _WarpgroupPlan(_cuda_chunk._WarpgroupPlan):
+    """The warpgroup scan's tiling as the linear one's (keys padded to 64, warpgroups of 64 columns), its own memory."""
 
     @property
     def shared_bytes(self) -> int:

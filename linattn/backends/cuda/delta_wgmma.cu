@@ -22,7 +22,7 @@
 //   O += P_hi U_hi + P_hi U_lo + P_lo U_hi         (12; P's parts from registers)
 //   S += K^T W_hi + K^T W_lo                       (2 DKP/16; W = U ⊙ e^{G_C - G}, or U ungated)
 //
-// The group's work tiles (four 8 KB tiles) hold the entering state's two parts, then R once
+// The group's four 8 KB work tiles hold the entering state's two parts (2 KB of them), then R once
 // the products that read the state are done, then U and W (W where R was, once U = A R is
 // done); each reuse waits at a barrier of the warpgroup. Tiles of q, k, v and A are copied
 // with cp.async one chunk ahead, in the 128-byte swizzled layout of wgmma_common.cuh.
