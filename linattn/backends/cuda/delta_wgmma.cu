@@ -238,6 +238,10 @@ delta_chunk_scan_wg(const ELEM* __restrict__ q, const ELEM* __restrict__ k, cons
     const u32 work_at = WORK_AT + group * 4 * TILE_BYTES;
     const int row_a = 16 * gw + gid, row_b = row_a + 8;  // this thread's rows of a chunk
 
+    // e^{G_i} (row_decay) and e^{G_C - G_i} (key_decay) of this thread's rows h = 0, 1 of the chunk, read
+    // from chunk_decays' tables where they are used rather than held in registers through the chunk.
+    auto row_decay = [&](int h) { return GATED ? sE[warp * CH + (h ? row_b : row_a)] : 1.f; };
+    [[maybe_unused]] auto key_decay = [&](int h) { return GATED ? sW[warp * CH + (h ? row_b : row_a)] : 1.f; };
     float state_scale = 1.f;  // the shared state holds S * state_scale
     load_chunk(0, 0);
 #if GATED
@@ -261,17 +265,11 @@ delta_chunk_scan_wg(const ELEM* __restrict__ q, const ELEM* __restrict__ k, cons
         __syncthreads();  // chunk n is in shared memory, and so is the state entering it
         if (n + 1 < n_chunks) load_chunk(n + 1, buf ^ 1);
         const u32 qk_at = buf * KB * TILE_BYTES;  // this chunk's q and k tiles, from Q_AT and K_AT
-        float row_decay[2] = {1.f, 1.f};          // e^{G_i} of this thread's rows
-        [[maybe_unused]] float key_decay[2] = {1.f, 1.f};  // e^{G_C - G_j} of the same rows as keys
 #if GATED
         if (n + 1 < n_chunks) g_next = load_gate(n + 1);
         double* G = sG + warp * CH;  // each warp its own copy: no block barrier needed
         const int factored = chunk_decays(sg + buf * CH, 16 * gw, G, sE + warp * CH, sW + warp * CH,
                                           sC + warp * 2 * CH, true);
-        row_decay[0] = sE[warp * CH + row_a];
-        row_decay[1] = sE[warp * CH + row_b];
-        key_decay[0] = sW[warp * CH + row_a];
-        key_decay[1] = sW[warp * CH + row_b];
 #endif
 
         // O = Q S, X = K S (the state's parts), then the scores P = Q K^T: three commit groups.
@@ -302,7 +300,7 @@ delta_chunk_scan_wg(const ELEM* __restrict__ q, const ELEM* __restrict__ k, cons
 
         // R = V - e^{G} ⊙ K S into the work tiles, once every warp of the group is done with the state.
         {
-            const float f[2] = {row_decay[0] / state_scale, row_decay[1] / state_scale};
+            const float f[2] = {row_decay(0) / state_scale, row_decay(1) / state_scale};
             const u32 v_shared = tiles_at + V_AT + (buf * GROUPS + group) * TILE_BYTES;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -375,7 +373,7 @@ delta_chunk_scan_wg(const ELEM* __restrict__ q, const ELEM* __restrict__ k, cons
         float u_scale = 1.f, w_scale = 1.f;
 #if SCALED
         {
-            float m[2] = {tile_max(U, 1.f, 1.f), tile_max(U, key_decay[0], key_decay[1])};
+            float m[2] = {tile_max(U, 1.f, 1.f), tile_max(U, key_decay(0), key_decay(1))};
             m[0] = warp_max(m[0]);
             m[1] = warp_max(m[1]);
             if (lane == 0) {
@@ -391,7 +389,7 @@ delta_chunk_scan_wg(const ELEM* __restrict__ q, const ELEM* __restrict__ k, cons
 #endif
         share_rows(U, u_scale, u_scale, U_TILE, U_TILE + 1);
 #if GATED
-        share_rows(U, w_scale * key_decay[0], w_scale * key_decay[1], W_TILE, W_TILE + 1);
+        share_rows(U, w_scale * key_decay(0), w_scale * key_decay(1), W_TILE, W_TILE + 1);
 #endif
         fence_async_shared();
         group_barrier(group);  // U and W are whole
@@ -399,7 +397,7 @@ delta_chunk_scan_wg(const ELEM* __restrict__ q, const ELEM* __restrict__ k, cons
         // O = e^{G_i} Q S + P U, in units of score_scale u_scale; S <- e^{G_C} S + K^T W.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const float f = score_scale * u_scale / state_scale * row_decay[h];
+            const float f = score_scale * u_scale / state_scale * row_decay(h);
 #pragma unroll
             for (int t = 0; t < 8; ++t) {
                 O[t][2 * h] *= f;
