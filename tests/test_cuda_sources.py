@@ -46,6 +46,8 @@ def test_the_shared_header_is_inlined_where_it_is_used() -> None:
         assert "__device__ __forceinline__ int chunk_decays(" in cl._source(name)
     for name in ("chunk_mma.cu", "chunk_wgmma.cu", "chunk_tf32.cu", "gla_chunk.cu"):
         assert "#define LINEAR_CHUNK_PARAMS" in cl._source(name) and "void copy16(" in cl._source(name)
+    for name in ("delta_chunk.cu", "delta_wgmma.cu"):
+        assert "#define DELTA_CHUNK_PARAMS" in cl._source(name) and "#define DELTA_CHUNK_GEOMETRY" in cl._source(name)
     for name in ("chunk_wgmma.cu", "delta_wgmma.cu"):
         assert "__device__ __forceinline__ u64 tile_descriptor(" in cl._source(name)
         assert cl._TARGETS[name] == ("-arch=sm_90a",)  # wgmma exists only for the architecture-specific target

@@ -1,5 +1,5 @@
 // Shared by the tensor-core chunked kernels (mma_common.cuh's 16-bit ones and chunk_tf32.cu's
-// float32 one): integer types, the linear scan kernels' common arguments and block geometry,
+// float32 one): integer types, the linear and delta scan kernels' common arguments and block geometry,
 // and cp.async copies from global to shared memory. The including file defines ELEM (the
 // storage type) and CH (steps per chunk) before the macros are used.
 
@@ -28,6 +28,31 @@ typedef unsigned int u32;
     [[maybe_unused]] const ELEM* qb = q + la * qs0 + lb * qs1 + lc * qs2;                                       \
     const ELEM* kb = k + la * ks0 + lb * ks1 + lc * ks2;                                                        \
     const ELEM* vb = v + la * vs0 + lb * vs1 + lc * vs2 + c0;                                                   \
+    [[maybe_unused]] const ELEM* gb = g + la * gs0 + lb * gs1 + lc * gs2;
+
+// The delta rule's scan kernels (delta_chunk.cu, delta_wgmma.cu) likewise take the same
+// arguments (A in two parts and its scales, from delta_chunk_prepare; ls: the strides that turn
+// the leading index into that of k, b and g) and locate their block's work the same way: its
+// leading index, the chunks, its operands' bases from value column c0, and A's for its k.
+#define DELTA_CHUNK_PARAMS                                                                                      \
+    const ELEM *__restrict__ q, const ELEM *__restrict__ k, const ELEM *__restrict__ v,                           \
+        const ELEM *__restrict__ a_hi, const ELEM *__restrict__ a_lo, const float *__restrict__ a_scale,          \
+        const ELEM *__restrict__ g, const float *__restrict__ s_in, ELEM *__restrict__ o,                         \
+        float *__restrict__ s_out, i64 T, int Dk, int Dv, i64 n1, i64 n2, int col_blocks, i64 qs0, i64 qs1,      \
+        i64 qs2, i64 qts, i64 ks0, i64 ks1, i64 ks2, i64 kts, i64 vs0, i64 vs1, i64 vs2, i64 vts, i64 os0,      \
+        i64 os1, i64 os2, i64 ots, i64 gs0, i64 gs1, i64 gs2, i64 gts, i64 ls0, i64 ls1, i64 ls2, i64 ss0,      \
+        i64 ss1, i64 ss2, i64 sseg, i64 srow, i64 scol
+#define DELTA_CHUNK_GEOMETRY                                                                                    \
+    const i64 lead = blockIdx.x / col_blocks;                                                                   \
+    const i64 la = lead / (n1 * n2), lb = (lead / n2) % n1, lc = lead % n2;                                     \
+    const int n_chunks = (int)((T + CH - 1) / CH);                                                              \
+    const ELEM* qb = q + la * qs0 + lb * qs1 + lc * qs2;                                                        \
+    const ELEM* kb = k + la * ks0 + lb * ks1 + lc * ks2;                                                        \
+    const ELEM* vb = v + la * vs0 + lb * vs1 + lc * vs2 + c0;                                                   \
+    const i64 kv_lead = la * ls0 + lb * ls1 + lc * ls2;                                                         \
+    const ELEM* ahb = a_hi + kv_lead * n_chunks * (i64)(CH * CH);                                               \
+    const ELEM* alb = a_lo + kv_lead * n_chunks * (i64)(CH * CH);                                               \
+    [[maybe_unused]] const float* asb = a_scale + kv_lead * n_chunks;                                           \
     [[maybe_unused]] const ELEM* gb = g + la * gs0 + lb * gs1 + lc * gs2;
 
 __device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }

@@ -148,14 +148,7 @@ delta_chunk_prepare(const ELEM* __restrict__ k, const ELEM* __restrict__ beta, c
 #define ONT (VB / 8)           // output (and R, U) column tiles per warp
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
-delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ v,
-                 const ELEM* __restrict__ a_hi, const ELEM* __restrict__ a_lo, const float* __restrict__ a_scale,
-                 const ELEM* __restrict__ g, const float* __restrict__ s_in, ELEM* __restrict__ o,
-                 float* __restrict__ s_out, i64 T, int Dk, int Dv, i64 n1, i64 n2, int col_blocks,
-                 i64 qs0, i64 qs1, i64 qs2, i64 qts, i64 ks0, i64 ks1, i64 ks2, i64 kts,
-                 i64 vs0, i64 vs1, i64 vs2, i64 vts, i64 os0, i64 os1, i64 os2, i64 ots,
-                 i64 gs0, i64 gs1, i64 gs2, i64 gts, i64 ls0, i64 ls1, i64 ls2,
-                 i64 ss0, i64 ss1, i64 ss2, i64 sseg, i64 srow, i64 scol) {
+delta_chunk_scan(DELTA_CHUNK_PARAMS) {
     extern __shared__ __align__(16) unsigned char smem[];
     ELEM* sq = reinterpret_cast<ELEM*>(smem);              // [2][CH][QKS]  (two chunks in flight)
     ELEM* sk = sq + 2 * CH * QKS;                           // [2][CH][QKS]
@@ -176,18 +169,7 @@ delta_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const E
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int c0 = (blockIdx.x % col_blocks) * VBB;
     const int gw = warp & 3, cg = (warp >> 2) * VB, row0 = 16 * gw;
-    const i64 lead = blockIdx.x / col_blocks;
-    const i64 la = lead / (n1 * n2), lb = (lead / n2) % n1, lc = lead % n2;
-    const int n_chunks = (int)((T + CH - 1) / CH);
-    const ELEM* qb = q + la * qs0 + lb * qs1 + lc * qs2;
-    const ELEM* kb = k + la * ks0 + lb * ks1 + lc * ks2;
-    const ELEM* vb = v + la * vs0 + lb * vs1 + lc * vs2 + c0;
-    // A and its scales belong to the leading index of k, b and g (ls: its strides, 0 broadcasts).
-    const i64 kv_lead = la * ls0 + lb * ls1 + lc * ls2;
-    const ELEM* ahb = a_hi + kv_lead * n_chunks * (i64)(CH * CH);
-    const ELEM* alb = a_lo + kv_lead * n_chunks * (i64)(CH * CH);
-    [[maybe_unused]] const float* asb = a_scale + kv_lead * n_chunks;
-    [[maybe_unused]] const ELEM* gb = g + la * gs0 + lb * gs1 + lc * gs2;
+    DELTA_CHUNK_GEOMETRY  // A and its scales belong to the leading index of k, b and g (0 strides broadcast)
     ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + c0 + cg + 2 * tig;
 
     // This warp's tile of the state: rows d_base + [0, 16 MT), columns c_base + [0, 8 NT).
