@@ -316,29 +316,8 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
 
 #if WRITE_O
         wgmma_pin(O);
-        {   // Stage this warp's 16 output rows, then write them in 16-byte pieces.
-            ELEM* stage = so + warp * 16 * OS;
-            const float unscale = 1.f / score_scale;
-#pragma unroll
-            for (int t = 0; t < 8; t += 2) {  // stmatrix as in share_state
-                u32 r[4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float* x = O[t + i / 2] + 2 * (i % 2);
-                    r[i] = pack2(x[0] * unscale, x[1] * unscale);
-                }
-                stsm(stage + (st_row - 16 * gw) * OS + (t + st_col) * 8, r);
-            }
-            __syncwarp();
-            const i64 t0 = t_begin + (i64)n * CH + 16 * gw;
-#pragma unroll
-            for (int it = 0; it < 4; ++it) {
-                const int p = lane + it * 32, r = p / 8, c = (p % 8) * 8;
-                if (t0 + r < t_end && cg + c < Dv)
-                    *reinterpret_cast<uint4*>(ob + (t0 + r) * ots + c) =
-                        *reinterpret_cast<const uint4*>(stage + r * OS + c);
-            }
-        }
+        store_rows(O, 1.f / score_scale, so + warp * 16 * OS, OS, st_row - 16 * gw, st_col, ob, ots,
+                   t_begin + (i64)n * CH + 16 * gw, t_end, cg, Dv);
 #if SCALED
         {
             const float m = state_max();

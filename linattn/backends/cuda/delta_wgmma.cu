@@ -421,28 +421,8 @@ delta_chunk_scan_wg(DELTA_CHUNK_PARAMS) {
             for_each_state([&](int h, int t, int e, int, int) { S[h][t][e] *= f; });
         }
 
-        {   // Stage this warp's 16 output rows, then write them in 16-byte pieces.
-            ELEM* stage = so + warp * 16 * OS;
-            const float unscale = 1.f / (score_scale * u_scale);
-#pragma unroll
-            for (int t = 0; t < 8; t += 2) {  // stmatrix as in share_rows
-                u32 r[4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float* x = O[t + i / 2] + 2 * (i % 2);
-                    r[i] = pack2(x[0] * unscale, x[1] * unscale);
-                }
-                stsm(stage + (st_row - 16 * gw) * OS + (t + st_col) * 8, r);
-            }
-            __syncwarp();
-            const i64 t0 = (i64)n * CH + 16 * gw;
-#pragma unroll
-            for (int it = 0; it < 4; ++it) {
-                const int p = lane + it * 32, r = p / 8, c = (p % 8) * 8;
-                if (t0 + r < T && cg + c < Dv)
-                    *reinterpret_cast<uint4*>(ob + (t0 + r) * ots + c) = *reinterpret_cast<const uint4*>(stage + r * OS + c);
-            }
-        }
+        store_rows(O, 1.f / (score_scale * u_scale), so + warp * 16 * OS, OS, st_row - 16 * gw, st_col, ob, ots,
+                   (i64)n * CH + 16 * gw, T, cg, Dv);
 #if SCALED
         {
             const float m = state_max();

@@ -49,6 +49,37 @@ __device__ __forceinline__ void stsm(u32 address, const u32 (&r)[4]) {
 }
 __device__ __forceinline__ void stsm(ELEM* p, const u32 (&r)[4]) { stsm(shared_address(p), r); }
 
+// A warp's 16 rows of a 64-column tile in accumulator layout (d[t][e]: row gid + 8 (e / 2),
+// column 8t + 2 tig + e % 2) times `scale`, written in the storage type to rows t0 .. t0 + 15 of
+// `out` (row stride `stride`, those below t_end), columns col .. col + 63 (those below `cols`):
+// into the warp's staging rows `stage` (row stride `stage_stride`) by one stmatrix per pair of
+// 8-column tiles, lane l addressing row st_row = 8 (l / 8 % 2) + l % 8 of 8-column tile
+// t + st_col, st_col = l / 16 (as the kernels share their states), then to global memory 16 bytes
+// per store.
+__device__ __forceinline__ void store_rows(const float (&d)[8][4], float scale, ELEM* stage, int stage_stride,
+                                           int st_row, int st_col, ELEM* out, i64 stride, i64 t0, i64 t_end,
+                                           int col, int cols) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int t = 0; t < 8; t += 2) {
+        u32 r[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float* x = d[t + i / 2] + 2 * (i % 2);
+            r[i] = pack2(x[0] * scale, x[1] * scale);
+        }
+        stsm(stage + st_row * stage_stride + (t + st_col) * 8, r);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int it = 0; it < 4; ++it) {
+        const int p = lane + it * 32, r = p / 8, c = (p % 8) * 8;
+        if (t0 + r < t_end && col + c < cols)
+            *reinterpret_cast<uint4*>(out + (t0 + r) * stride + c) =
+                *reinterpret_cast<const uint4*>(stage + r * stage_stride + c);
+    }
+}
+
 #define WG_D32(d)                                                                                                  \
     "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),      \
         "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),  \
