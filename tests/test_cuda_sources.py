@@ -87,24 +87,30 @@ def test_linear_tensor_core_plans_fit_and_share_q_and_k_where_they_can() -> None
 
 
 def test_warpgroup_plans_fit_and_cover_what_they_should(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The wgmma kernel's plan on an H100: 16-bit data with Dk <= 128, two warpgroups when Dv > 64, fitting.
+    """The wgmma kernel's plan on an H100: 16-bit data with Dk <= 256, fitting, its warpgroups as the kernel needs.
 
-    Everything else (float32, Dk > 128, another GPU generation) is left to the mma.sync plan.
+    Dk <= 128: keys padded to 64, two warpgroups of 64 value columns when Dv > 64. Dk > 128:
+    keys padded to 256, split by two warpgroups over one tile of 64 value columns, which
+    narrowing to one warpgroup must leave alone. Everything else (float32, another GPU
+    generation) is left to the mma.sync plan.
     """
     from linattn.backends import _cuda_chunk as cc
 
     limit = 227 * 1024
     monkeypatch.setattr(cc, "_shared_limit", lambda device: limit)
     monkeypatch.setattr(cl, "compute_capability", lambda device: "90")
+    monkeypatch.setattr(cs, "_sm_count", lambda device: 132)
     for dtype, Dk, Dv, gated in itertools.product(["float16", "bfloat16"], range(8, 257, 8), range(8, 257, 8),
                                                   [False, True]):
         plan = cc._warpgroup_plan(dtype, Dk, Dv, gated, 0)
-        if Dk > 128:
-            assert plan is None and cc.linear_plan(dtype, Dk, Dv, gated, 0) == cc._chunk_plan(dtype, Dk, Dv, limit)
-            continue
         assert plan is not None and plan.shared_bytes <= limit, (Dk, Dv, gated, plan)
-        assert plan.dkp == 64 * -(-Dk // 64) and plan.groups == (2 if Dv > 64 else 1) and plan.gated == gated
-        assert cc.linear_plan(dtype, Dk, Dv, gated, 0) == plan
+        assert plan.gated == gated and cc.linear_plan(dtype, Dk, Dv, gated, 0) == plan
+        if Dk > 128:
+            assert (plan.dkp, plan.groups, plan.columns, plan.key_split) == (256, 2, 64, True), (Dk, Dv, plan)
+            assert cc._one_warpgroup_where_it_fills(plan, 1, Dv, 1000, 0) == plan
+        else:
+            assert plan.dkp == 64 * -(-Dk // 64) and plan.groups == (2 if Dv > 64 else 1) and not plan.key_split
+            assert plan.columns == 64 * plan.groups
     assert cc._warpgroup_plan("float32", 64, 64, False, 0) is None
     monkeypatch.setattr(cl, "compute_capability", lambda device: "80")  # sm_90a code runs on 9.0 alone
     assert cc._warpgroup_plan("bfloat16", 64, 64, False, 0) is None

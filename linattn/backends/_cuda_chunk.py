@@ -5,8 +5,8 @@ gate or one log-gate per step (linear attention, simple GLA, RetNet, Mamba-2), D
 multiples of 8 up to 256 for Dk, and operands whose rows start on 16 bytes. Anything else
 is declined (None) and :func:`linattn.backends._cuda_scan.linear_scan` runs its CUDA-core
 kernel instead. On Hopper GPUs (compute capability 9.0) the kernel on warpgroup products
-(wgmma) runs where Dk <= 128; elsewhere, and at larger Dk, the one on mma.sync. Both
-compute the same arithmetic (two-part intermediates, float32 accumulation). float32 data
+(wgmma) runs (its two warpgroups split the keys where Dk > 128); elsewhere the one on
+mma.sync. Both compute the same arithmetic (two-part intermediates, float32 accumulation). float32 data
 without a gate and with Dk <= 128 runs ``cuda/chunk_tf32.cu``: every product three TF32
 products of two-part operands (3xTF32), float32-accurate, in chunks of 32 steps.
 
@@ -119,15 +119,23 @@ def _chunk_plan(dtype: str, Dk: int, Dv: int, shared_limit: int) -> _LinearPlan 
 
 @dataclass(frozen=True)
 class _WarpgroupPlan:
-    """The warpgroup kernel's tiling: keys padded to 64, warpgroups of 64 value columns, a gate or not."""
+    """The warpgroup kernel's tiling: keys padded to 64 (to 256 past 128), warpgroups, a gate or not.
+
+    Each warpgroup owns 64 value columns, or at dkp = 256 (``key_split``) the two of a
+    block split the keys of the same 64.
+    """
 
     dkp: int
     groups: int
     gated: bool
 
     @property
+    def key_split(self) -> bool:
+        return self.dkp > 128
+
+    @property
     def columns(self) -> int:
-        return 64 * self.groups
+        return 64 if self.key_split else 64 * self.groups
 
     @property
     def threads(self) -> int:
@@ -137,26 +145,34 @@ class _WarpgroupPlan:
     def shared_bytes(self) -> int:
         """Swizzled 64 x 64 tiles (8 KB each, from 1 KB slack for their alignment), output staging, gates.
 
-        Tiles: two chunks of q and of k (``dkp / 64`` tiles each), two of v and the state
-        (hi, lo) per warpgroup, and with a gate the decayed values (hi, lo) per warpgroup.
+        Tiles: two chunks of k (``dkp / 64`` tiles each) and of q (one with a gate at
+        ``key_split``), two of v and with a gate the decayed values (hi, lo) per 64 value
+        columns, and the state (hi, lo) per warpgroup. Output staging: 16 rows of 72 per
+        warp, or at ``key_split`` the partial outputs of the second warpgroup (float32).
+        Then the per-warp maxima, and with a gate the gate tables (as in ``_shared_bytes``).
         """
-        blocks, warps = self.dkp // 64, 4 * self.groups
-        tiles = 4 * blocks + 2 * self.groups + 2 * blocks * self.groups + (2 * self.groups if self.gated else 0)
-        staging = warps * 16 * (64 + 8) * 2
-        return 1024 + 8192 * tiles + staging + 4 * 2 * _CHUNK + (8 + 4 + 4 + 8) * warps * _CHUNK + 4 * warps
+        blocks, warps, value_tiles = self.dkp // 64, 4 * self.groups, self.columns // 64
+        q_chunks = 1 if self.key_split and self.gated else 2
+        state_blocks = blocks // 2 if self.key_split else blocks
+        tiles = ((q_chunks + 2) * blocks + 2 * value_tiles + 2 * state_blocks * self.groups
+                 + (2 * value_tiles if self.gated else 0))
+        staging = 4 * 16 * 64 * 4 if self.key_split else warps * 16 * (64 + 8) * 2
+        gates = 4 * 2 * _CHUNK + (8 + 4 + 4 + 8) * warps * _CHUNK if self.gated else 0
+        return 1024 + 8192 * tiles + staging + 4 * warps + gates
 
 
 def _warpgroup_plan(dtype: str, Dk: int, Dv: int, gated: bool, device: int) -> _WarpgroupPlan | None:
     """The warpgroup kernel's tiling on a Hopper GPU (compute capability 9.0), or None.
 
-    It covers float16 and bfloat16 with Dk <= 128; two warpgroups share a block's q and k
-    tiles when Dv has more than 64 columns.
+    It covers float16 and bfloat16 with Dk <= 256; two warpgroups share a block's q and k
+    tiles when Dv has more than 64 columns, and split the keys when Dk > 128.
     """
     if not WGMMA or cl.compute_capability(device) != "90":
         return None
-    if dtype not in ("float16", "bfloat16") or Dk > 128 or Dk % 8 or Dv % 8:
+    if dtype not in ("float16", "bfloat16") or Dk > _MAX_DK or Dk % 8 or Dv % 8:
         return None
-    plan = _WarpgroupPlan(64 * math.ceil(Dk / 64), 2 if Dv > 64 else 1, gated)
+    dkp = 64 * math.ceil(Dk / 64) if Dk <= 128 else _MAX_DK
+    plan = _WarpgroupPlan(dkp, 2 if Dv > 64 or dkp > 128 else 1, gated)
     return plan if plan.shared_bytes <= _shared_limit(device) else None
 
 
@@ -350,7 +366,7 @@ def _one_warpgroup_where_it_fills(plan: Any, n_lead: int, Dv: int, T: int, devic
     multiprocessors either way, one warpgroup was slower (371.0 against 315.9 µs), as at the
     shapes whose blocks fill them (``docs/gpu.rst``, stop 17).
     """
-    if not NARROW or not isinstance(plan, _WarpgroupPlan) or plan.groups == 1:
+    if not NARROW or not isinstance(plan, _WarpgroupPlan) or plan.groups == 1 or plan.key_split:
         return plan
     one = _WarpgroupPlan(plan.dkp, 1, plan.gated)
     wide, narrow = (_blocks(p, n_lead, Dv, T, device) for p in (plan, one))

@@ -114,9 +114,10 @@ def test_linear_scan_kernel_matches_the_reference(cp: Any, problem: dict[str, An
     _check(s, s_ref, "float32" if problem["dtype"] == "float16" else problem["dtype"], n, f"final state of {problem}")
 
 
-def _long_problem(cp: Any, T: int, dtype: str = "float32", gates: str = "key") -> tuple[dict[str, Any], dict[str, Any]]:
-    """One head, long: few blocks, so the kernel splits time into segments (three passes)."""
-    p = {"lead_q": (1, 1, 1), "lead_kv": (1, 1, 1), "T": T, "Dk": 64, "Dv": 64, "gates": gates,
+def _long_problem(cp: Any, T: int, dtype: str = "float32", gates: str = "key",
+                  Dk: int = 64) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One head, long, Dv = 64: few blocks, so the kernel splits time into segments (three passes)."""
+    p = {"lead_q": (1, 1, 1), "lead_kv": (1, 1, 1), "T": T, "Dk": Dk, "Dv": 64, "gates": gates,
          "regime": "mild", "initial": True, "dtype": dtype, "seed": 3}
     host = _linear_inputs(p)
     for name in ("gk", "gv"):
@@ -249,8 +250,8 @@ def launched_kernels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def linear_kernel(request: pytest.FixtureRequest, cp: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     """The linear scan's tensor-core kernel under test: on warpgroup products (Hopper only) or on mma.sync.
 
-    On a Hopper GPU the library runs the first where it applies (Dk <= 128) and the second
-    elsewhere; "mma.sync" switches the first off, so both are tested on the same GPU.
+    On a Hopper GPU the library runs the first (16-bit data, Dk <= 256); "mma.sync"
+    switches it off, so that both are tested on the same GPU.
     """
     from linattn.backends import _cuda_chunk
     from linattn.backends import _cuda_launch as cl
@@ -261,16 +262,23 @@ def linear_kernel(request: pytest.FixtureRequest, cp: Any, monkeypatch: pytest.M
     return request.param
 
 
-@pytest.mark.usefixtures("nan_memory", "linear_kernel")
+def _linear_scan_name(linear_kernel: str) -> str:
+    """The kernel that ``linear_kernel`` (the fixture's parameter) runs the linear scan's outputs on."""
+    return "chunk_linear_scan_wg" if linear_kernel == "wgmma" else "chunk_linear_scan"
+
+
+@pytest.mark.usefixtures("nan_memory")
 @GPU_SETTINGS
 @given(tensor_core_problems())
-def test_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: list[bool],
-                                                  problem: dict[str, Any]) -> None:
+def test_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: list[bool], launched_kernels: list[str],
+                                                  linear_kernel: str, problem: dict[str, Any]) -> None:
     host = _linear_inputs(problem)
     o_ref, s_ref = causal_scan(**host, form="recurrent")
     tensor_core_calls.clear()
+    launched_kernels.clear()
     o, s = causal_scan(**_to_device(cp, host, "float16"), backend="cupy")
     assert tensor_core_calls == [True]  # this call ran on the tensor-core kernel
+    assert launched_kernels[-1] == _linear_scan_name(linear_kernel), launched_kernels  # Dk = 256 too
     n = problem["T"] * problem["Dk"]
     _check(o, o_ref, "float16", n, f"outputs of {problem}")
     _check(s, s_ref, "float32", n, f"final state of {problem}")
@@ -278,17 +286,19 @@ def test_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: li
 
 @pytest.mark.usefixtures("nan_memory", "linear_kernel")
 @pytest.mark.parametrize("gates", ["none", "step"])
-def test_tensor_core_time_segments_match_the_reference(cp: Any, tensor_core_calls: list[bool], gates: str) -> None:
-    host, dev = _long_problem(cp, 5001, "float16", gates)
+@pytest.mark.parametrize("Dk", [64, 256])
+def test_tensor_core_time_segments_match_the_reference(cp: Any, tensor_core_calls: list[bool], gates: str,
+                                                       Dk: int) -> None:
+    host, dev = _long_problem(cp, 5001, "float16", gates, Dk)
     from linattn.backends import _cuda_chunk
 
-    plan = _cuda_chunk.linear_plan("float16", 64, 64, gates == "step", cp.cuda.Device().id)
+    plan = _cuda_chunk.linear_plan("float16", Dk, 64, gates == "step", cp.cuda.Device().id)
     assert plan is not None and _cuda_chunk._segments(1, 5001, plan, cp.cuda.Device().id) > 1  # three passes
     o_ref, s_ref = causal_scan(**host)
     o, s = causal_scan(**dev, backend="cupy")
     assert tensor_core_calls == [True]
-    _check(o, o_ref, "float16", 5001 * 64, "outputs")
-    _check(s, s_ref, "float32", 5001 * 64, "final state")
+    _check(o, o_ref, "float16", 5001 * Dk, "outputs")
+    _check(s, s_ref, "float32", 5001 * Dk, "final state")
 
 
 @pytest.mark.usefixtures("nan_memory", "linear_kernel")
@@ -319,21 +329,31 @@ def test_tensor_core_score_decays_match_the_reference_on_each_path(cp: Any, tens
 
 @pytest.mark.usefixtures("nan_memory")
 @pytest.mark.parametrize("gates", ["none", "step"])
-def test_tensor_core_single_q_tile_is_exact_deterministic_and_prefix_invariant(cp: Any, tensor_core_calls: list[bool],
-                                                                              gates: str) -> None:
-    """Dk = 256 with two groups of warps: one q tile in flight, refilled by the warps that read it.
+def test_tensor_core_kernels_at_dk_256_are_exact_deterministic_and_prefix_invariant(
+        cp: Any, tensor_core_calls: list[bool], launched_kernels: list[str], linear_kernel: str, gates: str) -> None:
+    """Dk = 256. mma.sync: two groups of warps with one q tile in flight, refilled by the warps that read it.
+    wgmma: two warpgroups that split the keys of 64 value columns, the second's partial
+    outputs added to the first's through shared memory, and with a gate one q tile,
+    refilled once both have read it.
 
     T = 1000 (16 chunks, the last partial), four column blocks, GQA and an initial state:
-    the reference, two runs bitwise equal (a refill racing its readers would differ), and
-    a prefix run of whole chunks, bitwise equal to the long run's outputs there (each
-    chunk's work, float16's power-of-two scales included, depends only on earlier chunks).
+    the reference, two runs bitwise equal (a refill racing its readers, or a partial
+    output read before it is written, would differ), and a prefix run of whole chunks,
+    bitwise equal to the long run's outputs there (each chunk's work, float16's
+    power-of-two scales included, depends only on earlier chunks).
     """
     from linattn.backends import _cuda_chunk
 
-    plan = _cuda_chunk._chunk_plan("float16", 256, 256, _cuda_chunk._shared_limit(cp.cuda.Device().id))
-    assert plan is not None and plan.groups == 2 and plan.q_tiles == 1
+    device = cp.cuda.Device().id
+    plan = _cuda_chunk.linear_plan("float16", 256, 256, gates == "step", device)
+    if linear_kernel == "wgmma":
+        assert isinstance(plan, _cuda_chunk._WarpgroupPlan) and plan.key_split and plan.columns == 64
+    else:
+        assert plan == _cuda_chunk._chunk_plan("float16", 256, 256, _cuda_chunk._shared_limit(device))
+        assert plan is not None and plan.groups == 2 and plan.q_tiles == 1
     _check_long_linear_run(cp, gates, 256, 256, seed=14)
     assert tensor_core_calls == [True] * 3
+    assert set(launched_kernels) == {_linear_scan_name(linear_kernel)}, launched_kernels
 
 
 @pytest.mark.usefixtures("nan_memory")
@@ -369,15 +389,16 @@ def test_warpgroup_kernel_is_exact_deterministic_and_prefix_invariant(cp: Any, t
 
 @pytest.mark.usefixtures("nan_memory", "linear_kernel")
 @pytest.mark.parametrize("gates", ["none", "step"])
+@pytest.mark.parametrize("Dk", [64, 256])
 def test_vjp_through_the_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: list[bool],
-                                                                  gates: str) -> None:
+                                                                  gates: str, Dk: int) -> None:
     """The VJP's scans (role-swapped, on reversed views) on float16 data run on tensor cores.
 
     dq, dk, dv and dS_0 are kernel outputs (float16 for the data, float32 for the state),
     checked as the forward's outputs are; the gate's gradient, which the reference
     computes from them, is checked in float64 by the test above.
     """
-    p = {"lead_q": (2, 2, 1), "lead_kv": (2, 2, 1), "T": 150, "Dk": 64, "Dv": 128, "gates": gates,
+    p = {"lead_q": (2, 2, 1), "lead_kv": (2, 2, 1), "T": 150, "Dk": Dk, "Dv": 128, "gates": gates,
          "regime": "mild", "initial": True, "dtype": "float16", "seed": 9}
     host = _linear_inputs(p)
     rng = np.random.default_rng(10)

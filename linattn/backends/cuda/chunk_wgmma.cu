@@ -24,6 +24,15 @@
 // of q, k and v are copied into shared memory with cp.async one chunk ahead of the one
 // computed, in the 128-byte swizzled layout of wgmma_common.cuh.
 //
+// At DKP = 256 (KSPLIT) the state of 64 columns would take 128 accumulator registers per
+// thread, so the block's two warpgroups split the keys of one tile of 64 value columns:
+// warpgroup g holds the state's key rows 128 g .. 128 g + 127 and computes, from its keys
+// alone, the scores P_g = Q_g K_g^T, O_g = Q_g S_g + P_g V and S_g += K_g^T V. Both sums
+// run over the keys, so o = O_0 + O_1: warpgroup 1 hands its O_g to warpgroup 0 through
+// shared memory (float32), which adds and writes the rows. With a gate the two share the
+// decayed values (each computes half of their rows) and, for the shared memory, one q tile
+// (the next chunk's is copied once both warpgroups' products have read this one's).
+//
 // Precision is chunk_mma.cu's: q, k and v enter the products as stored; the intermediates
 // that enter a product in the storage type (the decayed scores, the state, the decayed
 // values) are split in two parts x = hi + lo (with SPLIT); float16 scales the scores and the
@@ -39,17 +48,27 @@
 #define NTHREADS (NWARPS * 32)
 #define QKS (DKP + 8)  // unused here: mma_common.cuh's mma.sync score helper reads it
 #define KB (DKP / 64)  // 64-key blocks
-#define VBB (GROUPS * 64)
+#define KSPLIT (DKP > 128)          // the two warpgroups split the keys (GROUPS = 2)
+#define KBG (KSPLIT ? KB / 2 : KB)  // 64-key blocks of a warpgroup's state
+#define VT (KSPLIT ? 1 : GROUPS)    // 64-column value tiles of a block
+#define VBB (VT * 64)
+#define Q_BUFS (KSPLIT && GATED ? 1 : 2)  // chunks of q in flight
 #define OS 72          // row stride of the output staging rows (+16 bytes against bank conflicts)
 #define SCALED ELEM_HALF
 // Byte offsets of the tiles (8 KB each) from the first.
 #define Q_AT 0
-#define K_AT (Q_AT + 2 * KB * TILE_BYTES)
+#define K_AT (Q_AT + Q_BUFS * KB * TILE_BYTES)
 #define V_AT (K_AT + 2 * KB * TILE_BYTES)
-#define HI_AT (V_AT + 2 * GROUPS * TILE_BYTES)
-#define LO_AT (HI_AT + GROUPS * KB * TILE_BYTES)
-#define VW_AT (LO_AT + GROUPS * KB * TILE_BYTES)
-#define END_AT (VW_AT + (GATED ? 2 * GROUPS * TILE_BYTES : 0))
+#define HI_AT (V_AT + 2 * VT * TILE_BYTES)
+#define LO_AT (HI_AT + GROUPS * KBG * TILE_BYTES)
+#define VW_AT (LO_AT + GROUPS * KBG * TILE_BYTES)
+#define END_AT (VW_AT + (GATED ? 2 * VT * TILE_BYTES : 0))
+// Output staging: 16 rows of OS per warp; with KSPLIT, warpgroup 1's partial outputs (float32,
+// 16 x 64 per warp in accumulator order), whose slots warpgroup 0's warps then stage in.
+#define STAGE_BYTES (KSPLIT ? 4 * 16 * 64 * 4 : NWARPS * 16 * OS * 2)
+#if KSPLIT && (GROUPS != 2 || DKP != 256)
+#error "KSPLIT needs DKP = 256 and GROUPS = 2"
+#endif
 
 #include "mma_common.cuh"
 #include "wgmma_common.cuh"
@@ -59,40 +78,42 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     // Swizzled tiles start on 1024 bytes (the launcher adds the slack).
     ELEM* tiles = reinterpret_cast<ELEM*>(smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023));
-    ELEM* sq = tiles + Q_AT / 2;    // [2][KB] tiles: two chunks in flight
+    ELEM* sq = tiles + Q_AT / 2;    // [Q_BUFS][KB] tiles: one or two chunks in flight
     ELEM* sk = tiles + K_AT / 2;    // [2][KB] tiles
-    ELEM* sv = tiles + V_AT / 2;    // [2][GROUPS] tiles
-    ELEM* shi = tiles + HI_AT / 2;  // [GROUPS][KB] tiles: the entering state (DKP x 64), hi part
+    ELEM* sv = tiles + V_AT / 2;    // [2][VT] tiles
+    ELEM* shi = tiles + HI_AT / 2;  // [GROUPS][KBG] tiles: the entering state (64 KBG x 64), hi part
     ELEM* slo = tiles + LO_AT / 2;  // ... lo part
-    ELEM* svw = tiles + VW_AT / 2;  // [GROUPS][2] tiles: decayed values, hi and lo (GATED)
-    ELEM* so = tiles + END_AT / 2;  // [NWARPS][16][OS] output staging
-    float* sg = reinterpret_cast<float*>(so + NWARPS * 16 * OS);  // [2][CH] log-gates
-    double* sG = reinterpret_cast<double*>(sg + 2 * CH);          // [NWARPS][CH] cumulative log-gates
+    ELEM* svw = tiles + VW_AT / 2;  // [VT][2] tiles: decayed values, hi and lo (GATED)
+    ELEM* so = tiles + END_AT / 2;  // [NWARPS][16][OS] output staging (KSPLIT: [4][16 x 64] float32)
+    [[maybe_unused]] float* sred = reinterpret_cast<float*>(so + STAGE_BYTES / 2);  // [NWARPS] per-warp max |S|
+    float* sg = sred + NWARPS;                                   // [2][CH] log-gates (GATED, as the rest)
+    double* sG = reinterpret_cast<double*>(sg + 2 * CH);         // [NWARPS][CH] cumulative log-gates
     [[maybe_unused]] float* sE = reinterpret_cast<float*>(sG + NWARPS * CH);  // [NWARPS][CH] e^{G_i}
     [[maybe_unused]] float* sW = sE + NWARPS * CH;                           // [NWARPS][CH] e^{G_C - G_j}
     [[maybe_unused]] float* sC = sW + NWARPS * CH;                           // [NWARPS][2 CH] score factors
-    [[maybe_unused]] float* sred = sC + 2 * NWARPS * CH;                     // [NWARPS] per-warp max |S|
 
     // The warp, its warpgroup and its place there, known to the compiler as warp-uniform (a shuffle).
     const int warp = __shfl_sync(FULL, threadIdx.x >> 5, 0), lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int group = warp >> 2, gw = warp & 3;
     [[maybe_unused]] const int gt = threadIdx.x & 127;  // the thread in its warpgroup
-    const int c0 = (blockIdx.x % col_blocks) * VBB, cg = c0 + group * 64;  // the block's and the group's columns
+    // The group's value tile, its first key block and the first of its 64 columns (the block's from c0).
+    const int vtile = KSPLIT ? 0 : group, kb0 = KSPLIT ? group * KBG : 0;
+    const int c0 = (blockIdx.x % col_blocks) * VBB, cg = c0 + vtile * 64;
     LINEAR_CHUNK_GEOMETRY
     [[maybe_unused]] ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + cg;
-    ELEM* group_hi = shi + group * KB * WG_TILE;
-    ELEM* group_lo = slo + group * KB * WG_TILE;
+    ELEM* group_hi = shi + group * KBG * WG_TILE;
+    ELEM* group_lo = slo + group * KBG * WG_TILE;
 
-    // The group's state: S[h] holds key rows 64h + 16 gw + gid + 8 (e / 2), columns cg + 8t + 2 tig + e % 2.
-    float S[KB][8][4];
+    // The group's state: S[h] holds key rows 64 (kb0 + h) + 16 gw + gid + 8 (e / 2), columns cg + 8t + 2 tig + e % 2.
+    float S[KBG][8][4];
     auto for_each_state = [&](auto f) {
 #pragma unroll
-        for (int h = 0; h < KB; ++h)
+        for (int h = 0; h < KBG; ++h)
 #pragma unroll
             for (int t = 0; t < 8; ++t)
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    f(h, t, e, 64 * h + 16 * gw + gid + (e >> 1) * 8, 8 * t + 2 * tig + (e & 1));
+                    f(h, t, e, 64 * (kb0 + h) + 16 * gw + gid + (e >> 1) * 8, 8 * t + 2 * tig + (e & 1));
     };
     for_each_state([&](int h, int t, int e, [[maybe_unused]] int d, [[maybe_unused]] int c) {
         S[h][t][e] = 0.f;
@@ -114,24 +135,37 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
     [[maybe_unused]] const ELEM* q_next = qb + (t_begin + kr) * qts + kc;  // the next chunk's first rows
     const ELEM* k_next = kb + (t_begin + kr) * kts + kc;
     const ELEM* v_next = vb + (t_begin + vr) * vts + vc;
+    // Chunk n's q tiles into q buffer `buf` (Q_BUFS = 1: called on its own, once the buffer is free).
+    [[maybe_unused]] auto load_q = [&](int n, int buf) {
+        const i64 t0 = t_begin + (i64)n * CH;
+#pragma unroll
+        for (int it = 0; it < CH / K_ROWS; ++it) {
+            const bool ok = k_cols && t0 + kr + it * K_ROWS < t_end;
+            copy16(sq + buf * KB * WG_TILE + k_at + it * K_ROWS * 64, ok ? q_next + it * K_ROWS * qts : qb, ok);
+        }
+        q_next += CH * qts;
+    };
     auto load_chunk = [&](int n, int buf) {
         const i64 t0 = t_begin + (i64)n * CH;
+#if WRITE_O
+        if (Q_BUFS == 1 && n == 0) load_q(0, 0);
+#endif
 #pragma unroll
         for (int it = 0; it < CH / K_ROWS; ++it) {
             const bool ok = k_cols && t0 + kr + it * K_ROWS < t_end;
             const int at = buf * KB * WG_TILE + k_at + it * K_ROWS * 64;
 #if WRITE_O
-            copy16(sq + at, ok ? q_next + it * K_ROWS * qts : qb, ok);
+            if (Q_BUFS == 2) copy16(sq + at, ok ? q_next + it * K_ROWS * qts : qb, ok);
 #endif
             copy16(sk + at, ok ? k_next + it * K_ROWS * kts : kb, ok);
         }
 #pragma unroll
         for (int it = 0; it < CH / V_ROWS; ++it) {
             const bool ok = v_cols && t0 + vr + it * V_ROWS < t_end;
-            copy16(sv + buf * GROUPS * WG_TILE + v_at + it * V_ROWS * 64, ok ? v_next + it * V_ROWS * vts : vb, ok);
+            copy16(sv + buf * VT * WG_TILE + v_at + it * V_ROWS * 64, ok ? v_next + it * V_ROWS * vts : vb, ok);
         }
         copy_commit();
-        q_next += CH * qts;
+        if (Q_BUFS == 2) q_next += CH * qts;
         k_next += CH * kts;
         v_next += CH * vts;
     };
@@ -145,7 +179,7 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
     const int st_row = 16 * gw + 8 * ((lane >> 3) & 1) + (lane & 7), st_col = lane >> 4;
     [[maybe_unused]] auto share_state = [&](float scale) {
 #pragma unroll
-        for (int h = 0; h < KB; ++h)
+        for (int h = 0; h < KBG; ++h)
 #pragma unroll
             for (int t = 0; t < 8; t += 2) {
                 u32 hi[4], lo[4];
@@ -168,7 +202,7 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
 
     // The products' descriptors count from the first tile (in 16-byte units).
     const u32 base16 = shared_address(tiles) >> 4;
-    const u32 state_at = group * KB * TILE_BYTES;  // the group's state tiles, from HI_AT and LO_AT
+    const u32 state_at = group * KBG * TILE_BYTES;  // the group's state tiles, from HI_AT and LO_AT
 
     [[maybe_unused]] float state_scale = 1.f;  // the shared state holds S * state_scale
     load_chunk(0, 0);
@@ -194,21 +228,25 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
         fence_async_shared();
         __syncthreads();  // chunk n is in shared memory, and so is the state entering it
         if (n + 1 < n_chunks) load_chunk(n + 1, buf ^ 1);
-        [[maybe_unused]] const ELEM* vt = sv + (buf * GROUPS + group) * WG_TILE;
-        const u32 qk_at = buf * KB * TILE_BYTES;  // this chunk's q and k tiles, from Q_AT and K_AT
-        const u32 v_at = V_AT + (buf * GROUPS + group) * TILE_BYTES;
+        [[maybe_unused]] const ELEM* vt = sv + (buf * VT + vtile) * WG_TILE;
+        // This chunk's k tiles from K_AT and q tiles from Q_AT, both at the group's first key block.
+        const u32 k_tiles = (buf * KB + kb0) * TILE_BYTES, q_tiles = ((Q_BUFS == 2 ? buf * KB : 0) + kb0) * TILE_BYTES;
+        const u32 v_at = V_AT + (buf * VT + vtile) * TILE_BYTES;
         u32 upd_at = v_at;  // the update's B operand: V, or (GATED) its decayed rows, hi then lo
 #if GATED
         if (n + 1 < n_chunks) g_next = load_gate(n + 1);
         double* G = sG + warp * CH;  // each warp its own copy: no block barrier needed
         [[maybe_unused]] const int factored = chunk_decays(sg + buf * CH, 16 * gw, G, sE + warp * CH,
                                                            sW + warp * CH, sC + warp * 2 * CH, WRITE_O);
-        {   // V's rows times the keys' decays e^{G_C - G_j}: four 16-byte pieces per thread of the group.
-            ELEM* vw_hi = svw + 2 * group * WG_TILE;
+        {   // V's rows times the keys' decays e^{G_C - G_j}: 512 16-byte pieces per tile, over the group's
+            // threads (KSPLIT: the block's, for the tile both groups read).
+            constexpr int VW_THREADS = KSPLIT ? NTHREADS : 128;
+            ELEM* vw_hi = svw + 2 * vtile * WG_TILE;
             ELEM* vw_lo = vw_hi + WG_TILE;
 #pragma unroll
-            for (int it = 0; it < 4; ++it) {
-                const int p = gt + it * 128, r = p / 8, at = r * 64 + (p % 8) * 8;  // the same piece, swizzled or not
+            for (int it = 0; it < 512 / VW_THREADS; ++it) {
+                const int p = (KSPLIT ? (int)threadIdx.x : gt) + it * VW_THREADS, r = p / 8;
+                const int at = r * 64 + (p % 8) * 8;  // the same piece, swizzled or not
                 const float w = sW[warp * CH + r];
                 const uint4 x = *reinterpret_cast<const uint4*>(vt + at);
                 const u32* xs = reinterpret_cast<const u32*>(&x);
@@ -225,8 +263,8 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
                 if (SPLIT) *reinterpret_cast<uint4*>(vw_lo + at) = lo;
             }
             fence_async_shared();
-            group_barrier(group);
-            upd_at = VW_AT + 2 * group * TILE_BYTES;
+            if (!KSPLIT) group_barrier(group);  // KSPLIT: the block barrier after the first products
+            upd_at = VW_AT + 2 * vtile * TILE_BYTES;
         }
 #endif
 
@@ -234,15 +272,15 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
         float P[8][4], O[8][4];
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < DKP / 16; ++kk) {  // 16 keys: block kk / 4, 32 bytes into its rows per step
-            const u32 at = qk_at + (kk / 4) * TILE_BYTES + (kk % 4) * K_STEP;
-            wgmma_ss<0, 0>(P, tile_descriptor<false>(base16, Q_AT + at), tile_descriptor<false>(base16, K_AT + at),
-                           kk > 0);
+        for (int kk = 0; kk < 4 * KBG; ++kk) {  // 16 keys: block kk / 4, 32 bytes into its rows per step
+            const u32 at = (kk / 4) * TILE_BYTES + (kk % 4) * K_STEP;
+            wgmma_ss<0, 0>(P, tile_descriptor<false>(base16, Q_AT + q_tiles + at),
+                           tile_descriptor<false>(base16, K_AT + k_tiles + at), kk > 0);
         }
         wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < DKP / 16; ++kk) {  // the state's key rows 16 kk .. 16 kk + 15
-            const u64 a = tile_descriptor<false>(base16, Q_AT + qk_at + (kk / 4) * TILE_BYTES + (kk % 4) * K_STEP);
+        for (int kk = 0; kk < 4 * KBG; ++kk) {  // the state's key rows 16 kk .. 16 kk + 15
+            const u64 a = tile_descriptor<false>(base16, Q_AT + q_tiles + (kk / 4) * TILE_BYTES + (kk % 4) * K_STEP);
             const u32 at = state_at + (kk / 4) * TILE_BYTES + (kk % 4) * MN_STEP;
             wgmma_ss<0, 1>(O, a, tile_descriptor<true>(base16, HI_AT + at), kk > 0);
             if (SPLIT) wgmma_ss<0, 1>(O, a, tile_descriptor<true>(base16, LO_AT + at), true);
@@ -268,6 +306,13 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
             }
         wgmma_wait<0>();
         wgmma_pin(O);
+#if KSPLIT && GATED
+        __syncthreads();  // both groups' decayed values are written, and this chunk's q is read
+        if (n + 1 < n_chunks) {
+            load_q(n + 1, 0);
+            copy_commit();
+        }
+#endif
         // O = Q x (S state_scale), rescaled by e^{G_i} score_scale / state_scale; then O += P V.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -300,10 +345,10 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
 #endif
         // The update: S <- e^{G_C} S + K^T (V ⊙ e^{G_C - G}), K^T one 64-key block at a time.
 #pragma unroll
-        for (int h = 0; h < KB; ++h)
+        for (int h = 0; h < KBG; ++h)
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
-                const u64 a = tile_descriptor<true>(base16, K_AT + qk_at + h * TILE_BYTES + kk * MN_STEP);
+                const u64 a = tile_descriptor<true>(base16, K_AT + k_tiles + h * TILE_BYTES + kk * MN_STEP);
                 wgmma_ss<1, 1>(S[h], a, tile_descriptor<true>(base16, upd_at + kk * MN_STEP), true);
 #if GATED
                 if (SPLIT) wgmma_ss<1, 1>(S[h], a, tile_descriptor<true>(base16, upd_at + TILE_BYTES + kk * MN_STEP), true);
@@ -312,12 +357,22 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
         wgmma_commit();
         wgmma_wait<0>();
 #pragma unroll
-        for (int h = 0; h < KB; ++h) wgmma_pin(S[h]);
+        for (int h = 0; h < KBG; ++h) wgmma_pin(S[h]);
 
 #if WRITE_O
         wgmma_pin(O);
+#if KSPLIT
+        float* slot = reinterpret_cast<float*>(so) + gw * 16 * 64;  // warp gw's rows, both groups
+        if (group == 1) {
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) slot[(4 * t + e) * 32 + lane] = O[t][e] / score_scale;
+        }
+#else
         store_rows(O, 1.f / score_scale, so + warp * 16 * OS, OS, st_row - 16 * gw, st_col, ob, ots,
                    t_begin + (i64)n * CH + 16 * gw, t_end, cg, Dv);
+#endif
 #if SCALED
         {
             const float m = state_max();
@@ -326,6 +381,17 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
 #endif
 #endif
         __syncthreads();  // every warp is done with the shared state and chunk n's gates
+#if WRITE_O && KSPLIT
+        if (group == 0) {  // o = O_0 + O_1, staged in the slot just read
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) O[t][e] = O[t][e] / score_scale + slot[(4 * t + e) * 32 + lane];
+            __syncwarp();
+            store_rows(O, 1.f, reinterpret_cast<ELEM*>(slot), OS, st_row - 16 * gw, st_col, ob, ots,
+                       t_begin + (i64)n * CH + 16 * gw, t_end, cg, Dv);
+        }
+#endif
 #if GATED
         if (n + 1 < n_chunks && threadIdx.x < CH) sg[(buf ^ 1) * CH + threadIdx.x] = to_f(g_next);
 #endif
