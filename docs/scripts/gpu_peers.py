@@ -13,6 +13,13 @@ it times the host; each row also gets ``gpu_ms``, the GPU time with the host hid
 calls queued behind a GPU sleep, :func:`gpu_ms`). Every scan runs with scale 1
 (FLA's ``scale=1.0``) so that all compute the same function. The floor is the time to
 read q, k, v once and write o once at the measured device-to-device copy bandwidth.
+
+FLA 0.6.0 refuses the backward of its gated chunk kernels (``chunk_simple_gla``,
+``chunk_gated_delta_rule``) on Hopper with Triton 3.4-3.7.0, which it says may compute
+them wrongly there (FLA issue #640). ``--fla-guard-lifted`` times those backwards with
+the refusal lifted, as "fla chunk, guard lifted", and records how far FLA's dq, dk, dv
+are from linattn's (themselves checked against float64 by the GPU tests), so that the
+times can be read knowing whether the result was right.
 """
 
 from __future__ import annotations
@@ -163,6 +170,41 @@ def fla_fwd_bwd(op: str, x: dict[str, torch.Tensor]) -> Any:
     return run
 
 
+def fla_guard_lifted(run: Any) -> Any:
+    """``run`` (an FLA call) with FLA's refusal of its gated backward on this Triton (FLA issue #640) lifted."""
+    import fla.ops.common.chunk_o as chunk_o
+
+    def lifted() -> Any:
+        saved = chunk_o.TRITON_ABOVE_3_7_1
+        chunk_o.TRITON_ABOVE_3_7_1 = True  # the version check that refuses; nothing else reads it there
+        try:
+            return run()
+        finally:
+            chunk_o.TRITON_ABOVE_3_7_1 = saved
+    return lifted
+
+
+def fla_gradient_difference(op: str, x: dict[str, torch.Tensor]) -> dict[str, float]:
+    """‖FLA's − linattn's‖ / ‖linattn's‖ for dq, dk, dv of one backward with the same ``do`` (FLA's guard lifted)."""
+    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in x.items()}
+    do = torch.randn_like(x["v"])
+
+    def backward() -> None:
+        o = fla(op, leaves)()
+        (o[0] if isinstance(o, tuple) else o).backward(do)
+    fla_guard_lifted(backward)()
+    q, k, v, kn, g, beta, do_h = heads_first(x["q"], x["k"], x["v"], x["kn"], x["g"], x["beta"], do)
+    if op == "gated_delta":
+        ours_grads = delta_scan_vjp(q, kn, v, beta, do_h, g=g, backend="cupy")
+        key = "kn"
+    else:
+        ours_grads = causal_scan_vjp(q, k, v, do_h, gk=g, backend="cupy")
+        key = "k"
+    theirs = {"dq": leaves["q"].grad, "dk": leaves[key].grad, "dv": leaves["v"].grad}
+    return {name: float(torch.linalg.norm(theirs[name].transpose(1, 2).double() - getattr(ours_grads, name).double())
+                        / torch.linalg.norm(getattr(ours_grads, name).double())) for name in theirs}
+
+
 def sdpa(x: dict[str, torch.Tensor]) -> Any:
     q, k, v = heads_first(x["q"], x["k"], x["v"])
     return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -192,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-extras", action="store_true",
                         help="skip the float32 accuracy, decoding step and T sweep parts")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds; later measurements are skipped")
+    parser.add_argument("--fla-guard-lifted", action="store_true",
+                        help="time FLA's gated backwards that it refuses on this Triton (see the module's docstring)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -236,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
                 if op in args.ops and dname in ("bf16", "fp32") and "fwd+bwd" in args.modes:
                     timed("linattn", ours_fwd_bwd(op, x), op=op, mode="fwd+bwd", **common)
                     timed("fla chunk", fla_fwd_bwd(op, x), op=op, mode="fwd+bwd", **common)
+                    if args.fla_guard_lifted and op in ("simple_gla", "gated_delta"):
+                        timed("fla chunk, guard lifted", fla_guard_lifted(fla_fwd_bwd(op, x)), op=op,
+                              mode="fwd+bwd", **common)
+                        if time.perf_counter() - start <= args.budget:
+                            record(impl="fla chunk, guard lifted", op=op, mode="gradient difference",
+                                   difference=fla_gradient_difference(op, x), **common)
             del x
             torch.cuda.empty_cache()
 
@@ -283,6 +333,10 @@ def print_table(result: dict[str, Any]) -> None:
         if r.get("sweep"):
             continue
         key = (tuple(r["shape"]), r["dtype"], r["op"] if r["impl"] != "floor" else "floor", r["mode"])
+        if r["mode"] == "gradient difference":
+            print(f"{'x'.join(map(str, r['shape']))} {r['dtype']} {r['op']}: FLA (guard lifted) against linattn,"
+                  f" gradients: {r['difference']}")
+            continue
         groups.setdefault(key, {})[r["impl"]] = (r["ms"], r.get("gpu_ms"))
     floors = {(k[0], k[1]): v["floor"][0] for k, v in groups.items() if k[2] == "floor"}
     print(f"{'shape':>18} {'dt':>4} {'op':>11} {'mode':>7} {'linattn':>8} {'peer':>8} {'x peer':>6} {'floor':>7} "
@@ -294,6 +348,8 @@ def print_table(result: dict[str, Any]) -> None:
             continue
         ours_ms, ours_gpu = impls.get("linattn", (None, None))
         peer, peer_gpu = impls.get("fla chunk", impls.get("torch sdpa", (None, None)))
+        if peer is None and "fla chunk, guard lifted" in impls:
+            peer, peer_gpu = impls["fla chunk, guard lifted"]
         floor = floors.get((shape, dt))
         share = f"{100 * floor / ours_ms:5.0f}" if ours_ms and floor and mode == "fwd" else "    -"
         print(f"{'x'.join(map(str, shape)):>18} {dt:>4} {op:>11} {mode:>7} {fmt(ours_ms)} {fmt(peer)} "
