@@ -243,3 +243,12 @@ def test_delta_warpgroup_plans_fit_and_fill_the_gpu(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(dc, "WGMMA", True)
     monkeypatch.setattr(cl, "compute_capability", lambda device: "80")  # sm_90a code runs on 9.0 alone
     assert dc.warpgroup_plan(128, 128, True, 96, 0) is None
+
+
+def test_segment_state_strides_address_an_array_of_states_per_segment() -> None:
+    """The strides the time-segmented scans read their entering states by are a (lead ×3, P, Dk, Dv) array's."""
+    import numpy as np
+
+    for lead3, P, Dk, Dv in [((1, 1, 1), 4, 64, 64), ((2, 3, 5), 2, 256, 64), ((1, 16, 1), 3, 96, 192)]:
+        states = np.empty((*lead3, P, Dk, Dv), np.float32)
+        assert cs.segment_state_strides(lead3, P, Dk, Dv) == [s // 4 for s in states.strides]

@@ -83,17 +83,25 @@ class _LinearPlan(_ChunkPlan):
         return _shared_bytes(self.dkp, self.columns, self.groups, self.q_tiles)
 
 
+def gate_table_bytes(warps: int) -> int:
+    """The gated chunk kernels' gate tables in shared memory, for a block of ``warps`` warps.
+
+    Two chunks of log-gates (float32), and per warp the chunk's cumulative log-gates
+    (float64) with their row and key decay factors and the scores' two sets of factors
+    (float32 each): ``chunk_decays`` in ``cuda/mma_common.cuh``.
+    """
+    return 4 * 2 * _CHUNK + (8 + 4 + 4 + 8) * warps * _CHUNK
+
+
 def _shared_bytes(dkp: int, columns: int, groups: int, q_tiles: int) -> int:
     """The kernel's shared memory: ``q_tiles`` q tiles, two k and v tiles, the state (hi, lo), the output, gates.
 
-    The gates: two chunks of log-gates (float32), and per warp the chunk's cumulative
-    log-gates (float64) with their row and key decay factors and the scores' two sets
-    of factors (float32 each).
+    The gates: the gate tables (``gate_table_bytes``) and the per-warp maxima.
     """
     qk, vs = dkp + 8, columns + 8
     elements = (q_tiles + 2) * _CHUNK * qk + 2 * _CHUNK * vs + 2 * dkp * vs + _CHUNK * vs
     warps = _GROUP_WARPS * groups
-    return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4 + 8) * warps * _CHUNK + 4 * warps
+    return 2 * elements + gate_table_bytes(warps) + 4 * warps
 
 
 @functools.cache
@@ -149,7 +157,7 @@ class _WarpgroupPlan:
         ``key_split``), two of v and with a gate the decayed values (hi, lo) per 64 value
         columns, and the state (hi, lo) per warpgroup. Output staging: 16 rows of 72 per
         warp, or at ``key_split`` the partial outputs of the second warpgroup (float32).
-        Then the per-warp maxima, and with a gate the gate tables (as in ``_shared_bytes``).
+        Then the per-warp maxima, and with a gate the gate tables (``gate_table_bytes``).
         """
         blocks, warps, value_tiles = self.dkp // 64, 4 * self.groups, self.columns // 64
         q_chunks = 1 if self.key_split and self.gated else 2
@@ -157,7 +165,7 @@ class _WarpgroupPlan:
         tiles = ((q_chunks + 2) * blocks + 2 * value_tiles + 2 * state_blocks * self.groups
                  + (2 * value_tiles if self.gated else 0))
         staging = 4 * 16 * 64 * 4 if self.key_split else warps * 16 * (64 + 8) * 2
-        gates = 4 * 2 * _CHUNK + (8 + 4 + 4 + 8) * warps * _CHUNK if self.gated else 0
+        gates = gate_table_bytes(warps) if self.gated else 0
         return 1024 + 8192 * tiles + staging + 4 * warps + gates
 
 
@@ -429,7 +437,6 @@ def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:
         _local, local_ptr = scan(False, 0, [0] * 6, P)  # each segment's own state, from zero (held till queued)
         _entering, s_out, entering_ptr = cs.join_segments(call, run, local_ptr, [(go, 1), (None, 0)], lead3, T, Dk,
                                                           Dv, P, L)
-        per_lead = Dk * Dv * P
-        scan(True, entering_ptr, [per_lead * lead3[1] * lead3[2], per_lead * lead3[2], per_lead, Dk * Dv, Dv, 1], P)
+        scan(True, entering_ptr, cs.segment_state_strides(lead3, P, Dk, Dv), P)
     state_lead = cs.broadcast_lead(tuple(r.shape for r in (kr, vr, gr, sr) if r is not None))
     return o, cs.final_state(s_out, lead3, state_lead, Dk, Dv)

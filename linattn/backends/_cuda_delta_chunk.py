@@ -49,14 +49,12 @@ class _ScanPlan(_ChunkPlan):
 def _scan_shared_bytes(dkp: int, columns: int, groups: int) -> int:
     """The scan's shared memory: q and k tiles twice, v, A (two parts), R/U (two parts), the state (two parts), gates.
 
-    The gates: two chunks of log-gates (float32), per warp the chunk's cumulative
-    log-gates (float64) with their row and key decay factors and the scores' two sets
-    of factors (float32 each), and three per-warp maxima.
+    The gates: the gate tables (``gate_table_bytes``) and three per-warp maxima.
     """
     qk, vs, a = dkp + 8, columns + 8, _CHUNK + 8
     elements = 4 * _CHUNK * qk + _CHUNK * vs + 2 * _CHUNK * a + 2 * _CHUNK * vs + 2 * dkp * vs
     warps = _GROUP_WARPS * groups
-    return 2 * elements + 4 * 2 * _CHUNK + (8 + 4 + 4 + 8) * warps * _CHUNK + 4 * 3 * warps
+    return 2 * elements + _cuda_chunk.gate_table_bytes(warps) + 4 * 3 * warps
 
 
 def _prepare_shared_bytes(dkp: int) -> int:
@@ -89,13 +87,13 @@ class _WarpgroupPlan(_cuda_chunk._WarpgroupPlan):
 
         Tiles: two chunks of q and of k (``dkp / 64`` tiles each), of v (one per
         warpgroup) and of A (hi, lo); per warpgroup four work tiles (the state's two parts,
-        or R, U and the decayed U). The gates as in ``_scan_shared_bytes``, and three
+        or R, U and the decayed U). The gate tables (``gate_table_bytes``), and three
         per-warp maxima.
         """
         blocks, warps = self.dkp // 64, 4 * self.groups
         tiles = 4 * blocks + 2 * self.groups + 4 + 4 * self.groups
         staging = warps * 16 * (64 + 8) * 2
-        return 1024 + 8192 * tiles + staging + 4 * 2 * _CHUNK + (8 + 4 + 4 + 8) * warps * _CHUNK + 4 * 3 * warps
+        return 1024 + 8192 * tiles + staging + _cuda_chunk.gate_table_bytes(warps) + 4 * 3 * warps
 
 
 # The warpgroup scan's blocks, widest first: two warpgroups share a block's q, k and A
@@ -120,10 +118,7 @@ def choose_warpgroup(plans: tuple[_WarpgroupPlan, ...], n_lead: int, Dv: int, sm
     blocks of 32 columns; (8, 1024, 8, 64) 0.068 (0.098) against 0.074 (0.105) GPU time
     (``docs/gpu.rst``, stop 22). None: ``plans`` is empty.
     """
-    for plan in plans:
-        if n_lead * math.ceil(Dv / plan.columns) >= _FILL * sms:
-            return plan
-    return plans[-1] if plans else None
+    return choose_plan(plans, n_lead, Dv, sms, _FILL) if plans else None
 
 
 def warpgroup_plan(Dk: int, Dv: int, gated: bool, n_lead: int, device: int) -> _WarpgroupPlan | None:

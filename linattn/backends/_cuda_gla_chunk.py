@@ -168,7 +168,6 @@ def chunked_gla_scan(call: cs.Call) -> tuple[Any, Any] | None:
         _local, local_ptr, _g_sum, g_sum_ptr = scan(False, 0, [0] * 6)
         _entering, s_out, entering_ptr = cs.join_segments(call, run, local_ptr, [(go, Dk), (None, 0)], lead3, T, Dk,
                                                           Dv, segments, seg_len, formed=[g_sum_ptr, 0])
-        per_lead = Dk * Dv * segments
-        scan(True, entering_ptr, [per_lead * lead3[1] * lead3[2], per_lead * lead3[2], per_lead, Dk * Dv, Dv, 1])
+        scan(True, entering_ptr, cs.segment_state_strides(lead3, segments, Dk, Dv))
     state_lead = cs.broadcast_lead(tuple(r.shape for r in (kr, vr, gr, sr) if r is not None))
     return o, cs.final_state(s_out, lead3, state_lead, Dk, Dv)

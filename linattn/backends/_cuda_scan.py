@@ -253,6 +253,15 @@ def state_in(ref: cl.Ref | None) -> tuple[int, list[int]]:
     return ref.ptr, [*_lead_strides(ref.shape, ref.strides), 0, ref.strides[-2], ref.strides[-1]]
 
 
+def segment_state_strides(lead3: tuple[int, int, int], P: int, Dk: int, Dv: int) -> list[int]:
+    """The six strides, as ``state_in`` gives them, of states laid out (n_lead, P, Dk, Dv): one per segment.
+
+    The entering states that ``join_segments`` forms, read by the time-segmented scans' last pass.
+    """
+    per_lead = Dk * Dv * P
+    return [per_lead * lead3[1] * lead3[2], per_lead * lead3[2], per_lead, Dk * Dv, Dv, 1]
+
+
 def final_state(s_out: Any, lead3: tuple[int, ...], state_lead: tuple[int, ...], Dk: int, Dv: int) -> Any:
     """The state (n_lead, Dk, Dv) with only the leading axes of the state's own operands."""
     if math.prod(state_lead) == math.prod(lead3):
@@ -416,8 +425,7 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any, *, revers
         _local, local_ptr = scan(False, 0, [0] * 6, P)  # each segment's own state, from zero (held till queued)
         gates = [(gko, gkr.shape[-1] if gkr is not None else 0), (gvo, Dv)]
         _entering, s_out, entering_ptr = join_segments(call, run, local_ptr, gates, lead3, T, Dk, Dv, P, L)
-        per_lead = Dk * Dv * P
-        scan(True, entering_ptr, [per_lead * lead3[1] * lead3[2], per_lead * lead3[2], per_lead, Dk * Dv, Dv, 1], P)
+        scan(True, entering_ptr, segment_state_strides(lead3, P, Dk, Dv), P)
     return o, final_state(s_out, lead3, lay.state_lead, Dk, Dv)
 
 

@@ -212,12 +212,7 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
 #endif
 #if WRITE_O
 #if SCALED
-    {
-        const float m = state_max();
-        if (lane == 0) sred[warp] = m;
-    }
-    __syncthreads();
-    state_scale = pow2_scale(max_of<NWARPS>(sred));
+    state_scale = block_pow2_scale<NWARPS>(state_max(), sred, warp);
 #endif
     share_state(state_scale);
 #endif

@@ -118,10 +118,7 @@ delta_chunk_prepare(const ELEM* __restrict__ k, const ELEM* __restrict__ beta, c
     }
     float scale = 1.f;
 #if SCALED
-    m = warp_max(m);
-    if (lane == 0) sred[warp] = m;
-    __syncthreads();
-    scale = pow2_scale(max_of<4>(sred));
+    scale = block_pow2_scale<4>(warp_max(m), sred, warp);
     if (threadIdx.x == 0) a_scale[lead * gridDim.x + chunk] = scale;
 #endif
     if (c < CH) {
@@ -228,10 +225,7 @@ delta_chunk_scan(DELTA_CHUNK_PARAMS) {
         for (int t = 0; t < ONT; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) m = fmaxf(m, fabsf(x[t][e]));
-        m = warp_max(m);
-        if (lane == 0) slots[warp] = m;
-        __syncthreads();
-        return pow2_scale(max_of<NWARPS>(slots));
+        return block_pow2_scale<NWARPS>(warp_max(m), slots, warp);
     };
 
     float state_scale = 1.f;  // the shared state holds S * state_scale
@@ -243,12 +237,7 @@ delta_chunk_scan(DELTA_CHUNK_PARAMS) {
     if (threadIdx.x < CH) sg[threadIdx.x] = to_f(g_next);
 #endif
 #if SCALED
-    {
-        const float m = state_max(S);  // a warp-wide reduction: every lane takes part
-        if (lane == 0) sred[warp] = m;
-    }
-    __syncthreads();
-    state_scale = pow2_scale(max_of<NWARPS>(sred));
+    state_scale = block_pow2_scale<NWARPS>(state_max(S), sred, warp);  // state_max: warp-wide, every lane
 #endif
     share_state(S, state_scale, shi, slo, VS, d_base, c_base, true);
 

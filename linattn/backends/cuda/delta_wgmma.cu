@@ -231,12 +231,7 @@ delta_chunk_scan_wg(DELTA_CHUNK_PARAMS) {
     if (threadIdx.x < CH) sg[threadIdx.x] = to_f(g_next);
 #endif
 #if SCALED
-    {
-        const float m = state_max();
-        if (lane == 0) sred[warp] = m;
-    }
-    __syncthreads();
-    state_scale = pow2_scale(max_of<NWARPS>(sred));
+    state_scale = block_pow2_scale<NWARPS>(state_max(), sred, warp);
 #endif
     share_state(state_scale);
 

@@ -440,12 +440,7 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
     load_values(0);
 #if WRITE_O
 #if SCALED
-    {
-        const float m = state_max(S);  // a warp-wide reduction: every lane takes part
-        if (lane == 0) sred[warp] = m;
-    }
-    __syncthreads();
-    state_scale = pow2_scale(max_of<NWARPS>(sred));
+    state_scale = block_pow2_scale<NWARPS>(state_max(S), sred, warp);  // state_max: warp-wide, every lane
 #endif
     share_state(S, state_scale, shi, slo, VS, d_base, c_base, true);
 #endif

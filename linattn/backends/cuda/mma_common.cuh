@@ -89,6 +89,15 @@ __device__ __forceinline__ float max_of(const float* per_warp) {
     return m;
 }
 
+// pow2_scale of the largest m over the block's N warps (m: this warp's, the same in every lane),
+// which every thread gets: each warp's m through `slots` (N floats), then a block barrier.
+template <int N>
+__device__ __forceinline__ float block_pow2_scale(float m, float* slots, int warp) {
+    if ((threadIdx.x & 31) == 0) slots[warp] = m;
+    __syncthreads();
+    return pow2_scale(max_of<N>(slots));
+}
+
 // Stage rows [0, ROWS) x columns [0, COLS) of a tile into shared memory (row stride
 // `shared_stride`), 16 bytes per thread and step, asynchronously: row r from `base + r *
 // stride`; rows at or past `valid_rows` and columns at or past `valid_cols` become zeros.
