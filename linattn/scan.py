@@ -555,6 +555,30 @@ def _sum_to_shape(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:
     return xp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
+def _fused_gate_gradient(xp: Any, kernel: Any, g: Any, x: Any, dx: Any, y: Any, dy: Any, last: Any) -> Any:
+    """A gate's gradient Σ_{t' ≥ t} (x ⊙ dx − y ⊙ dy)_{t'} + last by the backend's kernel, or None.
+
+    The kernel covers operands of one shape (no GQA broadcast between the read and
+    written terms); the result is then summed to g's shape, as the reference's terms are.
+    """
+    if kernel is None or not (x.shape == dx.shape == y.shape == dy.shape) or g.shape[-1] not in (1, x.shape[-1]):
+        return None
+    summed = g.shape[-1] == 1
+    end = None
+    if last is not None:
+        end = xp.sum(last, axis=-1, keepdims=True) if summed else last
+        target = (*x.shape[:-2], end.shape[-1])
+        pairs = zip(end.shape[::-1], target[::-1], strict=False)  # aligned from the last axis
+        if len(end.shape) > len(target) or any(n not in (1, m) for n, m in pairs):
+            return None  # a final-state term with axes that x lacks: the reference sums them
+        end = xp.broadcast_to(end, target)
+    result = kernel(x, dx, y, dy, end, summed)
+    if result is None:
+        return None
+    dtype = xp.result_type(x, dx, y, dy, *(() if last is None else (last,)))
+    return _sum_to_shape(xp, result if result.dtype == dtype else xp.astype(result, dtype), tuple(g.shape))
+
+
 def causal_scan_vjp(
     q: Any,
     k: Any,
@@ -663,22 +687,32 @@ def causal_scan_vjp(
                                     None if gv is None else gv[..., 0, :])
         dinitial = _sum_to_shape(xp, dinitial, tuple(initial_state.shape))
 
-    def gate_gradient(g: Any, reader: Any, written: list[Any], final_term_axis: int) -> Any:
-        # ∂L/∂G_t = (reader term) − (written terms); each summed to g's shape on its own,
-        # since under GQA the reader term has a group axis that the written ones may lack.
+    gate_kernel = resolve_backend(backend, xp).kernel("gate_gradient") if form == "chunked" else None
+
+    def gate_gradient(g: Any, read: tuple[Any, Any], written: tuple[Any, Any], written_parts: list[Any],
+                      final_term_axis: int) -> Any:
+        # ∂L/∂G_t = x_t ⊙ dx_t − y_t ⊙ dy_t for read = (x, dx), written = (y, dy), with dy the
+        # sum of its parts; each term is summed to g's shape on its own, since under GQA the
+        # read term has a group axis that the written ones may lack.
+        last = None
+        if dfinal_state is not None and T > 0:
+            last = xp.sum(dfinal_state * final, axis=final_term_axis)  # (..., D), the term at T − 1
+        fused = _fused_gate_gradient(xp, gate_kernel, g, *read, *written, last)
+        if fused is not None:
+            return fused
+
         def to_gate(x: Any) -> Any:
             return _sum_to_shape(xp, xp.sum(x, axis=-1, keepdims=True) if g.shape[-1] == 1 else x, tuple(g.shape))
-        local = to_gate(reader)
-        for part in written:
-            local = local - to_gate(part)
-        if dfinal_state is not None and T > 0:
-            last = xp.sum(dfinal_state * final, axis=final_term_axis)  # (..., D)
+        local = to_gate(read[0] * read[1])
+        for part in written_parts:
+            local = local - to_gate(written[0] * part)
+        if last is not None:
             is_last = xp.astype(xp.arange(T, device=array_api_compat.device(local)) == T - 1, local.dtype)
             local = local + to_gate(_expand(xp, is_last, -1) * _expand(xp, last, -2))  # nonzero at T − 1
         return xp.flip(xp.cumulative_sum(xp.flip(local, axis=-2), axis=-2), axis=-2)
 
-    dgk = None if gk is None else gate_gradient(gk, q * dq, [k * part for part in dk_parts], -1)
-    dgv = None if gv is None else gate_gradient(gv, o * do, [v * part for part in dv_parts], -2)
+    dgk = None if gk is None else gate_gradient(gk, (q, dq), (k, dk), dk_parts, -1)
+    dgv = None if gv is None else gate_gradient(gv, (o, do), (v, dv), dv_parts, -2)
     return ScanGradients(
         dq=_sum_to_shape(xp, dq, tuple(q.shape)),
         dk=_sum_to_shape(xp, dk, tuple(k.shape)),

@@ -28,6 +28,7 @@ KERNELS = {
     "gla_chunk.cu": ["gla_chunk_prepare", "gla_chunk_scan"],
     "segments.cu": ["segment_log_decay", "segment_prefix"],
     "delta_grad.cu": ["delta_grad_reverse", "delta_grad_forward"],
+    "gate_grad.cu": ["gate_grad_rows", "gate_grad_suffix"],
 }
 
 
@@ -52,6 +53,8 @@ def test_the_shared_header_is_inlined_where_it_is_used() -> None:
         assert "__device__ __forceinline__ u64 tile_descriptor(" in cl._source(name)
         assert cl._TARGETS[name] == ("-arch=sm_90a",)  # wgmma exists only for the architecture-specific target
     assert "__device__ __forceinline__ void share_state(" in cl._source("gla_chunk.cu")
+    for name in ("scan.cu", "delta_grad.cu", "segments.cu", "gate_grad.cu"):
+        assert "__device__ __forceinline__ ACC to_acc(__nv_bfloat16 x)" in cl._source(name)
 
 
 @pytest.mark.parametrize(("dtype", "budget"), list(itertools.product(["float16", "float32", "float64"],

@@ -13,6 +13,7 @@ import math
 import tracemalloc
 from dataclasses import dataclass
 
+import array_api_compat
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -443,6 +444,63 @@ def test_dk_dv_with_a_state_per_query_head_and_shared_keys(form):
     # sum, counting the group-summed part once per head: 8.0)
     np.testing.assert_array_equal(g.dk, [[[5.0]]])
     np.testing.assert_array_equal(g.dv, [[[5.0]]])
+
+
+def numpy_gate_gradient(a, b, c, d, end, summed):
+    """The backend primitive "gate_gradient" in NumPy, summed in another order than the reference's."""
+    r = a * b - c * d
+    if summed:
+        r = r.sum(axis=-1, keepdims=True)
+    suffix = np.flip(np.cumsum(np.flip(r, axis=-2), axis=-2), axis=-2)
+    return suffix if end is None else suffix + end[..., None, :]
+
+
+@settings(max_examples=40)
+@given(scan_problems(max_len=9, max_dim=4, gates=("step", "key", "value", "key+value", "step+value")), st.booleans(),
+       st.data())
+def test_a_backends_gate_gradient_kernel_replaces_the_references_sums(p, with_final, data):
+    """A backend's "gate_gradient" kernel gets the gates' gradients where its operands share a shape.
+
+    The test backend runs the reference scans and a NumPy gate_gradient; its gradients must
+    equal the reference backend's, and the kernel must be asked for exactly the gates whose
+    read and written operands have one shape (no GQA broadcast between q and k, o and v).
+    """
+    from linattn import backends
+
+    calls = []
+
+    def kernel(a, b, c, d, end, summed):
+        calls.append((a.shape, c.shape, None if end is None else end.shape, summed))
+        return numpy_gate_gradient(a, b, c, d, end, summed)
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    o, s = causal_scan(p.q, p.k, p.v, **p.kwargs)
+    do = rng.standard_normal(o.shape)
+    ds = rng.standard_normal(s.shape) if with_final else None
+    want = causal_scan_vjp(p.q, p.k, p.v, do, dfinal_state=ds, backend="numpy", **p.kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        test_backend = backends.Backend("gate-kernel-test", array_api_compat.is_numpy_namespace,
+                                        {"gate_gradient": kernel})
+        patch.setitem(backends._REGISTRY, test_backend.name, test_backend)
+        got = causal_scan_vjp(p.q, p.k, p.v, do, dfinal_state=ds, backend="gate-kernel-test", **p.kwargs)
+    # float64 sums of the same O(T·D) terms in two orders: 8ε·sqrt(n) of the terms' magnitude
+    size = 1.0 + sum(float(np.sum(np.abs(x))) for x in (want.dq, want.dk, want.dv) if x is not None) * (
+        1.0 + float(np.max(np.abs(p.q), initial=0.0) + np.max(np.abs(p.k), initial=0.0) +
+                    np.max(np.abs(p.v), initial=0.0) + np.max(np.abs(o), initial=0.0)))
+    bound = tolerance(np.float64, max(p.T, 1) * 8) * size
+    expected_calls = 0
+    for name, (x, y) in (("dgk", (p.q, p.k)), ("dgv", (o, p.v))):
+        gate = p.gk if name == "dgk" else p.gv
+        if gate is None:
+            assert getattr(got, name) is None
+            continue
+        assert getattr(got, name).shape == gate.shape and getattr(got, name).dtype == getattr(want, name).dtype
+        assert_within(getattr(got, name), getattr(want, name), bound, name)
+        expected_calls += x.shape == np.broadcast_shapes(x.shape, y.shape) == y.shape
+    for name in ("dq", "dk", "dv", "dinitial_state"):
+        if getattr(want, name) is not None:
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert len(calls) == expected_calls, calls
 
 
 def test_vjp_sums_dk_and_dv_over_the_query_group():

@@ -48,7 +48,11 @@ class Backend:
           form of :func:`linattn.delta_scan.delta_scan`;
         - ``"delta_scan_vjp"``: ``(q, k, v, beta, g, state0, do, dfinal_state) ->
           (dq, dk, dv, dbeta, dg, dstate0)`` over the inputs' broadcast leading axes, the
-          gradients of :func:`linattn.delta_grad.delta_scan_vjp`.
+          gradients of :func:`linattn.delta_grad.delta_scan_vjp`;
+        - ``"gate_gradient"``: ``(a, b, c, d, end, summed) -> dG`` with
+          dG_t = end + Σ_{t' ≥ t} (a ⊙ b − c ⊙ d)_{t'}, summed over the last axis when
+          ``summed``, for operands of one shape (..., T, D): the gradient of a scan's
+          log-gates in :func:`linattn.scan.causal_scan_vjp`.
     """
 
     name: str

@@ -4,7 +4,8 @@ The kernels (``cuda/*.cu``: tensor-core and CUDA-core scans, compiled on first u
 CuPy's ``RawModule``) replace the chunked form of :func:`linattn.scan.causal_scan` (and
 of its time-reversed scan, which the gradients run) and
 :func:`linattn.delta_scan.delta_scan` and its gradients
-(:func:`linattn.delta_grad.delta_scan_vjp`);
+(:func:`linattn.delta_grad.delta_scan_vjp`), and the suffix sums over time of the
+scans' gate gradients (``cuda/gate_grad.cu``);
 everything else — feature maps, gates, gradients — is the reference code running on CuPy.
 CuPy is imported only when a kernel runs, so this module loads without it.
 
@@ -21,7 +22,7 @@ import functools
 
 import array_api_compat
 
-from linattn.backends import _cuda_delta_grad, _cuda_scan
+from linattn.backends import _cuda_delta_grad, _cuda_gate_grad, _cuda_scan
 
 CUPY_BACKEND = {
     "name": "cupy",
@@ -31,5 +32,6 @@ CUPY_BACKEND = {
         "causal_scan_reversed": functools.partial(_cuda_scan.linear_scan, reverse=True),
         "delta_scan": _cuda_scan.delta_scan,
         "delta_scan_vjp": _cuda_delta_grad.delta_scan_vjp,
+        "gate_gradient": _cuda_gate_grad.gate_gradient,
     },
 }

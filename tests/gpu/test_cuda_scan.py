@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from gpu_cases import GPU_SETTINGS, linear_inputs, log_gates, to_device, torch_with_cuda
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from linattn.delta_scan import delta_scan
@@ -24,11 +25,6 @@ from linattn.scan import causal_scan, causal_scan_vjp
 from linattn.testing import assert_close, machine_epsilon, tolerance
 
 DIMS = (16, 32, 64, 100, 128, 256)
-EXTREME_LOG_GATES = (0.0, -1e-3, -30.0, -1e3)
-# The fixtures (CuPy, the NaN-filling allocator) hold for every example of a test, so
-# their function scope is what is wanted; kernels compile on first use (no deadline).
-GPU_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
-                        suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _rtol(dtype: str, n: int) -> float:
@@ -47,15 +43,6 @@ def _check(actual: Any, desired: np.ndarray, dtype: str, n: int, what: str) -> N
     _check_within(actual, desired, _rtol(dtype, n), what)
 
 
-def _log_gates(rng: np.random.Generator, shape: tuple[int, ...], regime: str) -> np.ndarray:
-    """Log-gates: "mild" decays, "extreme" ones (none to total), or "mixed" with some growth (g > 0)."""
-    if regime == "mild":
-        return -rng.uniform(0.0, 1.0, shape)
-    if regime == "mixed":  # a mean of −0.375 per step keeps e^{G} bounded over the drawn lengths
-        return rng.uniform(-1.0, 0.25, shape)
-    return rng.choice(EXTREME_LOG_GATES, size=shape)
-
-
 @st.composite
 def linear_problems(draw: Any) -> dict[str, Any]:
     B, H, G = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
@@ -71,43 +58,13 @@ def linear_problems(draw: Any) -> dict[str, Any]:
     }
 
 
-def _linear_inputs(p: dict[str, Any]) -> dict[str, np.ndarray | None]:
-    rng = np.random.default_rng(p["seed"])
-    T, Dk, Dv, kv = p["T"], p["Dk"], p["Dv"], p["lead_kv"]
-    store = lambda x: x.astype(p["dtype"]).astype(np.float64)  # noqa: E731  (the values the kernel reads)
-    arrays = {
-        "q": store(rng.standard_normal((*p["lead_q"], T, Dk)) / np.sqrt(Dk)),
-        "k": store(rng.standard_normal((*kv, T, Dk))),
-        "v": store(rng.standard_normal((*kv, T, Dv))),
-        "gk": None, "gv": None, "initial_state": None,
-    }
-    if p["gates"] in ("step", "key", "key+value"):
-        arrays["gk"] = store(_log_gates(rng, (*kv, T, 1 if p["gates"] == "step" else Dk), p["regime"]))
-    if p["gates"] in ("value", "key+value"):
-        arrays["gv"] = store(_log_gates(rng, (*kv, T, Dv), p["regime"]))
-    if p["initial"]:
-        arrays["initial_state"] = rng.standard_normal((*kv, Dk, Dv))
-    return arrays
-
-
-def _to_device(cp: Any, arrays: dict[str, Any], dtype: str) -> dict[str, Any]:
-    out = {}
-    for name, x in arrays.items():
-        if x is None:
-            out[name] = None
-        else:  # states stay in the accumulation precision; the rest in the storage dtype
-            out[name] = cp.asarray(x, dtype="float64" if dtype == "float64" else (
-                "float32" if name in ("initial_state", "dfinal_state") else dtype))
-    return out
-
-
 @pytest.mark.usefixtures("nan_memory")
 @GPU_SETTINGS
 @given(linear_problems())
 def test_linear_scan_kernel_matches_the_reference(cp: Any, problem: dict[str, Any]) -> None:
-    host = _linear_inputs(problem)
+    host = linear_inputs(problem)
     o_ref, s_ref = causal_scan(**host, form="recurrent")
-    o, s = causal_scan(**_to_device(cp, host, problem["dtype"]), backend="cupy")
+    o, s = causal_scan(**to_device(cp, host, problem["dtype"]), backend="cupy")
     assert str(o.dtype) == problem["dtype"]
     n = problem["T"] * problem["Dk"]
     _check(o, o_ref, problem["dtype"], n, f"outputs of {problem}")
@@ -119,11 +76,11 @@ def _long_problem(cp: Any, T: int, dtype: str = "float32", gates: str = "key",
     """One head, long, Dv = 64: few blocks, so the kernel splits time into segments (three passes)."""
     p = {"lead_q": (1, 1, 1), "lead_kv": (1, 1, 1), "T": T, "Dk": Dk, "Dv": 64, "gates": gates,
          "regime": "mild", "initial": True, "dtype": dtype, "seed": 3}
-    host = _linear_inputs(p)
+    host = linear_inputs(p)
     for name in ("gk", "gv"):
         if host[name] is not None:
             host[name] = host[name] / 64  # a slow decay, so that early steps still matter at the end
-    return host, _to_device(cp, host, dtype)
+    return host, to_device(cp, host, dtype)
 
 
 def _check_long_run(cp: Any, scan: Any, host: dict[str, Any], dev: dict[str, Any], prefix: int,
@@ -159,10 +116,10 @@ def _check_long_linear_run(cp: Any, gates: str, Dk: int, Dv: int, seed: int) -> 
     """
     p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 1000, "Dk": Dk, "Dv": Dv, "gates": gates,
          "regime": "mild", "initial": True, "dtype": "float16", "seed": seed}
-    host = _linear_inputs(p)
+    host = linear_inputs(p)
     if host["gk"] is not None:
         host["gk"] = host["gk"] / 64
-    _check_long_run(cp, causal_scan, host, _to_device(cp, host, "float16"), 640, bitwise_prefix=True)
+    _check_long_run(cp, causal_scan, host, to_device(cp, host, "float16"), 640, bitwise_prefix=True)
 
 
 @st.composite
@@ -272,11 +229,11 @@ def _linear_scan_name(linear_kernel: str) -> str:
 @given(tensor_core_problems())
 def test_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: list[bool], launched_kernels: list[str],
                                                   linear_kernel: str, problem: dict[str, Any]) -> None:
-    host = _linear_inputs(problem)
+    host = linear_inputs(problem)
     o_ref, s_ref = causal_scan(**host, form="recurrent")
     tensor_core_calls.clear()
     launched_kernels.clear()
-    o, s = causal_scan(**_to_device(cp, host, "float16"), backend="cupy")
+    o, s = causal_scan(**to_device(cp, host, "float16"), backend="cupy")
     assert tensor_core_calls == [True]  # this call ran on the tensor-core kernel
     assert launched_kernels[-1] == _linear_scan_name(linear_kernel), launched_kernels  # Dk = 256 too
     n = problem["T"] * problem["Dk"]
@@ -315,13 +272,13 @@ def test_tensor_core_score_decays_match_the_reference_on_each_path(cp: Any, tens
     """
     p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 700, "Dk": 128, "Dv": 128, "gates": "step",
          "regime": "mild", "initial": True, "dtype": "float16", "seed": 16}
-    host = _linear_inputs(p)
+    host = linear_inputs(p)
     rng, shape = np.random.default_rng(16), host["gk"].shape
     low, high = {"spans <= 16": (-1.0, 0.0), "spans > 16": (-2.5, -1.5), "growth": (-1.0, 0.25)}[regime]
     host["gk"] = rng.uniform(low, high, shape).astype("float16").astype(np.float64)
     o_ref, s_ref = causal_scan(**host, form="recurrent")
     tensor_core_calls.clear()
-    o, s = causal_scan(**_to_device(cp, host, "float16"), backend="cupy")
+    o, s = causal_scan(**to_device(cp, host, "float16"), backend="cupy")
     assert tensor_core_calls == [True]
     _check(o, o_ref, "float16", 700 * 128, f"outputs, {regime}")
     _check(s, s_ref, "float32", 700 * 128, f"final state, {regime}")
@@ -400,12 +357,12 @@ def test_vjp_through_the_tensor_core_kernel_matches_the_reference(cp: Any, tenso
     """
     p = {"lead_q": (2, 2, 1), "lead_kv": (2, 2, 1), "T": 150, "Dk": Dk, "Dv": 128, "gates": gates,
          "regime": "mild", "initial": True, "dtype": "float16", "seed": 9}
-    host = _linear_inputs(p)
+    host = linear_inputs(p)
     rng = np.random.default_rng(10)
     do = rng.standard_normal((*p["lead_q"], p["T"], p["Dv"])).astype(np.float16).astype(np.float64)
     dfinal = rng.standard_normal((*p["lead_kv"], p["Dk"], p["Dv"]))
     ref = causal_scan_vjp(**host, do=do, dfinal_state=dfinal, form="recurrent")
-    got = causal_scan_vjp(**_to_device(cp, {**host, "do": do, "dfinal_state": dfinal}, "float16"), backend="cupy")
+    got = causal_scan_vjp(**to_device(cp, {**host, "do": do, "dfinal_state": dfinal}, "float16"), backend="cupy")
     assert tensor_core_calls and all(tensor_core_calls)
     n = p["T"] * max(p["Dk"], p["Dv"])
     _check(got.dq, ref.dq, "float16", n, "dq")
@@ -454,10 +411,10 @@ def tf32_warps(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 @given(float32_tensor_core_problems())
 def test_float32_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: list[bool],
                                                           problem: dict[str, Any]) -> None:
-    host = _linear_inputs(problem)
+    host = linear_inputs(problem)
     o_ref, s_ref = causal_scan(**host, form="recurrent")
     tensor_core_calls.clear()
-    o, s = causal_scan(**_to_device(cp, host, "float32"), backend="cupy")
+    o, s = causal_scan(**to_device(cp, host, "float32"), backend="cupy")
     assert tensor_core_calls == [True]  # this call ran on the 3xTF32 kernel
     n = problem["T"] * problem["Dk"]
     rtol = _rtol_3xtf32(n)
@@ -475,8 +432,8 @@ def test_float32_tensor_core_kernel_meets_the_float32_target_deterministically_a
     """
     p = {"lead_q": (1, 2, 1), "lead_kv": (1, 2, 1), "T": 4096, "Dk": 128, "Dv": 128, "gates": "none",
          "regime": "mild", "initial": True, "dtype": "float32", "seed": 11}
-    host = _linear_inputs(p)
-    dev = _to_device(cp, host, "float32")
+    host = linear_inputs(p)
+    dev = to_device(cp, host, "float32")
     first, second = (causal_scan(**dev, backend="cupy") for _ in range(2))
     assert tensor_core_calls == [True, True]
     assert bool(cp.all(first[0] == second[0])) and bool(cp.all(first[1] == second[1]))
@@ -506,13 +463,13 @@ def test_float32_tensor_core_time_segments_and_gradients_match_the_reference(cp:
 
     p = {"lead_q": (2, 2, 2), "lead_kv": (2, 2, 1), "T": 150, "Dk": 64, "Dv": 100, "gates": "none",
          "regime": "mild", "initial": True, "dtype": "float32", "seed": 7}
-    host = _linear_inputs(p)
+    host = linear_inputs(p)
     rng = np.random.default_rng(8)
     do = rng.standard_normal((*p["lead_q"], p["T"], p["Dv"])).astype(np.float32).astype(np.float64)
     dfinal = rng.standard_normal((*p["lead_kv"], p["Dk"], p["Dv"]))
     ref = causal_scan_vjp(**host, do=do, dfinal_state=dfinal, form="recurrent")
     tensor_core_calls.clear()
-    got = causal_scan_vjp(**_to_device(cp, {**host, "do": do, "dfinal_state": dfinal}, "float32"), backend="cupy")
+    got = causal_scan_vjp(**to_device(cp, {**host, "do": do, "dfinal_state": dfinal}, "float32"), backend="cupy")
     assert tensor_core_calls and all(tensor_core_calls)
     rtol = _rtol_3xtf32(p["T"] * max(p["Dk"], p["Dv"]))  # the gradient scans sum over T·max(Dk, Dv) products
     for name in ("dq", "dk", "dv", "dinitial_state"):
@@ -538,9 +495,9 @@ def test_reversed_scan_kernel_matches_the_reference(cp: Any, problem: dict[str, 
     """The backend's ``causal_scan_reversed`` (the gradients' backward scans) reads its operands backwards in place."""
     from linattn.backends import get_backend
 
-    host = _linear_inputs(problem)
+    host = linear_inputs(problem)
     o_ref, s_ref = _reversed_reference(host)
-    dev = _to_device(cp, host, problem["dtype"])
+    dev = to_device(cp, host, problem["dtype"])
     result = get_backend("cupy").kernel("causal_scan_reversed")(*(dev[n] for n in ("q", "k", "v", "gk", "gv")),
                                                                dev["initial_state"])
     assert result is not None
@@ -561,7 +518,7 @@ def test_reversed_scan_reads_torch_tensors_in_place(cp: Any, tensor_core_calls: 
     the intra-chunk scores P: less than the copies of q, k and v that flipping them would
     need on top of those.
     """
-    torch = _torch_with_cuda()
+    torch = torch_with_cuda()
     from linattn.backends import get_backend
 
     host, _ = _long_problem(cp, 5001, "float16", gates if gates != "none" else "key")
@@ -614,7 +571,7 @@ def _delta_inputs(problem: dict[str, Any], groups: int = 1) -> dict[str, Any]:
         "k": store(k / np.linalg.norm(k, axis=-1, keepdims=True)),  # |k| = 1: the state cannot grow
         "v": store(rng.standard_normal((*lead, T, Dv))),
         "beta": store(rng.uniform(0, problem.get("beta_max", 1.0), (*lead, T, 1 if problem["beta"] == "step" else Dv))),
-        "g": store(_log_gates(rng, (*lead, T, 1), problem["regime"])) if problem["gated"] else None,
+        "g": store(log_gates(rng, (*lead, T, 1), problem["regime"])) if problem["gated"] else None,
         "initial_state": rng.standard_normal((*lead, Dk, Dv)) if problem["initial"] else None,
     }
 
@@ -626,7 +583,7 @@ def test_delta_kernel_matches_the_reference(cp: Any, problem: dict[str, Any]) ->
     T, Dk = problem["T"], problem["Dk"]
     host = _delta_inputs(problem)
     o_ref, s_ref = delta_scan(**host, form="recurrent")
-    o, s = delta_scan(**_to_device(cp, host, problem["dtype"]), backend="cupy")
+    o, s = delta_scan(**to_device(cp, host, problem["dtype"]), backend="cupy")
     n = T * Dk
     _check(o, o_ref, problem["dtype"], n, f"outputs of {problem}")
     _check(s, s_ref, "float32" if problem["dtype"] == "float16" else problem["dtype"], n, f"final state of {problem}")
@@ -670,7 +627,7 @@ def test_delta_tensor_core_kernels_match_the_reference(cp: Any, delta_tensor_cor
     fill = _cuda_delta_chunk._FILL
     _cuda_delta_chunk._FILL = 0.0 if widest else fill  # 0: the widest tiling; else (few leading indices) narrow ones
     try:
-        o, s = delta_scan(**_to_device(cp, host, "float16"), backend="cupy")
+        o, s = delta_scan(**to_device(cp, host, "float16"), backend="cupy")
     finally:
         _cuda_delta_chunk._FILL = fill
     assert delta_tensor_core_calls == [True]  # this call ran on the tensor-core kernels
@@ -693,14 +650,14 @@ def test_delta_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: An
     # The prefix not bitwise: float16's power-of-two scales follow the maxima of whole
     # chunks, and the long run's last chunk of the prefix holds later steps too (the scaled
     # values' low parts can round differently in float16's subnormal range).
-    _check_long_run(cp, delta_scan, host, _to_device(cp, host, "float16"), 1234, bitwise_prefix=False)
+    _check_long_run(cp, delta_scan, host, to_device(cp, host, "float16"), 1234, bitwise_prefix=False)
     assert delta_tensor_core_calls == [True] * 3
 
 
 @pytest.mark.usefixtures("delta_kernel")
 def test_delta_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, delta_tensor_core_calls: list[bool]) -> None:
     """PyTorch bfloat16 (B, T, H, D) data as (B, H, T, D) views, GQA by broadcasting: no float32 copy in or out."""
-    torch = _torch_with_cuda()
+    torch = torch_with_cuda()
     rng = np.random.default_rng(24)
     B, T, H, G, D = 2, 333, 2, 2, 128
     k = rng.standard_normal((B, T, H, D))
@@ -757,13 +714,13 @@ def test_gla_tensor_core_kernels_match_the_reference(cp: Any, gla_tensor_core_ca
     """cuda/gla_chunk.cu against the loop: GQA, padded keys, every gate regime (total, none, growth), every tiling."""
     from linattn.backends import _cuda_gla_chunk
 
-    host = _linear_inputs(problem)
+    host = linear_inputs(problem)
     o_ref, s_ref = causal_scan(**host, form="recurrent")
     gla_tensor_core_calls.clear()
     fill = _cuda_gla_chunk._FILL
     _cuda_gla_chunk._FILL = 0.0 if widest else fill  # 0: the widest tiling; else (few leading indices) narrow ones
     try:
-        o, s = causal_scan(**_to_device(cp, host, "float16"), backend="cupy")
+        o, s = causal_scan(**to_device(cp, host, "float16"), backend="cupy")
     finally:
         _cuda_gla_chunk._FILL = fill
     assert gla_tensor_core_calls == [True]  # this call ran on the tensor-core kernels
@@ -778,10 +735,10 @@ def test_gla_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: Any,
     """T = 2500 (40 chunks): the reference, two runs bitwise equal, a prefix run against the long run."""
     p = {"lead_q": (2, 2, 1), "lead_kv": (2, 2, 1), "T": 2500, "Dk": 128, "Dv": 128, "gates": "key",
          "regime": "mild", "initial": True, "dtype": "float16", "seed": 25}
-    host = _linear_inputs(p)
+    host = linear_inputs(p)
     host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
     # The prefix not bitwise: float16's power-of-two scales follow the maxima of whole chunks.
-    _check_long_run(cp, causal_scan, host, _to_device(cp, host, "float16"), 1234, bitwise_prefix=False)
+    _check_long_run(cp, causal_scan, host, to_device(cp, host, "float16"), 1234, bitwise_prefix=False)
     assert gla_tensor_core_calls == [True] * 3
 
 
@@ -801,7 +758,7 @@ def test_gla_tensor_core_time_segments_match_the_reference(cp: Any, gla_tensor_c
 
     p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 5001, "Dk": 128, "Dv": 128, "gates": "key",
          "regime": "mild" if regime in ("slow", "zero") else regime, "initial": True, "dtype": "float16", "seed": 27}
-    host = _linear_inputs(p)
+    host = linear_inputs(p)
     host["gk"] = host["gk"] / 64 if regime == "slow" else (0 * host["gk"] if regime == "zero" else host["gk"])
     fill = _cuda_gla_chunk._FILL
     _cuda_gla_chunk._FILL = 0.0 if widest else fill
@@ -810,7 +767,7 @@ def test_gla_tensor_core_time_segments_match_the_reference(cp: Any, gla_tensor_c
         plans = _cuda_gla_chunk._scan_plans("float16", 128, 128, _cuda_gla_chunk._shared_limit(device))
         _, segments, _ = _cuda_gla_chunk.choose_tiling(plans, 4, 128, 5001, _cuda_scan._sm_count(device))
         assert segments > 1  # the three passes
-        dev = _to_device(cp, host, "float16")
+        dev = to_device(cp, host, "float16")
         first, second = (causal_scan(**dev, backend="cupy") for _ in range(2))
     finally:
         _cuda_gla_chunk._FILL = fill
@@ -823,7 +780,7 @@ def test_gla_tensor_core_time_segments_match_the_reference(cp: Any, gla_tensor_c
 
 def test_gla_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, gla_tensor_core_calls: list[bool]) -> None:
     """PyTorch bfloat16 (B, T, H, D) data, as flash-linear-attention lays it out, read as (B, H, T, D) views."""
-    torch = _torch_with_cuda()
+    torch = torch_with_cuda()
     rng = np.random.default_rng(26)
     B, T, H, D = 2, 333, 3, 128
     host = {"q": rng.standard_normal((B, T, H, D)) / np.sqrt(D), "k": rng.standard_normal((B, T, H, D)),
@@ -882,7 +839,7 @@ def test_delta_vjp_kernels_match_the_reference(cp: Any, problem: dict[str, Any],
     do = rng.standard_normal((*host["q"].shape[:-1], problem["Dv"])).astype(problem["dtype"]).astype(np.float64)
     dF = rng.standard_normal((*host["k"].shape[:-2], problem["Dk"], problem["Dv"])) if dfinal else None
     ref = delta_scan_vjp(**host, do=do, dfinal_state=dF)
-    got = delta_scan_vjp(**_to_device(cp, {**host, "do": do, "dfinal_state": dF}, problem["dtype"]), backend="cupy")
+    got = delta_scan_vjp(**to_device(cp, {**host, "do": do, "dfinal_state": dF}, problem["dtype"]), backend="cupy")
     assert str(got.dq.dtype) == problem["dtype"]
     _check_delta_gradients(got, ref, host, dF, problem["dtype"], f"{problem}, groups={groups}, dS_T={dfinal}")
 
@@ -898,7 +855,7 @@ def test_delta_vjp_kernels_are_deterministic_over_a_long_run(cp: Any) -> None:
     host["g"] = host["g"] / 64  # a slow decay, so that early steps still matter at the end
     do = np.random.default_rng(22).standard_normal((1, 2, 1, 2500, 128)).astype(np.float32).astype(np.float64)
     ref = delta_scan_vjp(**host, do=do)
-    dev = _to_device(cp, {**host, "do": do}, "float32")
+    dev = to_device(cp, {**host, "do": do}, "float32")
     first, second = (delta_scan_vjp(**dev, backend="cupy") for _ in range(2))
     _check_delta_gradients(first, ref, host, None, "float32", "the long run")
     for name in ("dq", "dk", "dv", "dbeta", "dg", "dinitial_state"):
@@ -910,12 +867,12 @@ def test_delta_vjp_kernels_are_deterministic_over_a_long_run(cp: Any) -> None:
 def test_vjp_through_the_kernels_matches_the_reference(cp: Any, gates: str) -> None:
     p = {"lead_q": (2, 2, 2), "lead_kv": (2, 2, 1), "T": 150, "Dk": 64, "Dv": 100, "gates": gates,
          "regime": "mild", "initial": True, "dtype": "float64", "seed": 7}
-    host = _linear_inputs(p)
+    host = linear_inputs(p)
     rng = np.random.default_rng(8)
     do = rng.standard_normal((*p["lead_q"], p["T"], p["Dv"]))
     dfinal = rng.standard_normal((*p["lead_kv"], p["Dk"], p["Dv"]))
     ref = causal_scan_vjp(**host, do=do, dfinal_state=dfinal, form="recurrent")
-    dev = _to_device(cp, {**host, "do": do, "dfinal_state": dfinal}, "float64")
+    dev = to_device(cp, {**host, "do": do, "dfinal_state": dfinal}, "float64")
     got = causal_scan_vjp(**dev, backend="cupy")
     for name in ("dq", "dk", "dv", "dgk", "dgv", "dinitial_state"):
         want = getattr(ref, name)
@@ -970,9 +927,7 @@ def test_prefix_outputs_do_not_depend_on_later_steps(cp: Any) -> None:
 
 @pytest.mark.usefixtures("linear_kernel")
 def test_bfloat16_torch_tensors_round_trip_without_float32_copies(cp: Any) -> None:
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("PyTorch has no CUDA device")
+    torch = torch_with_cuda()
     rng = np.random.default_rng(5)
     B, T, H, D = 2, 333, 3, 128
     host = [rng.standard_normal((B, T, H, D)) / s for s in (np.sqrt(D), 1.0, 1.0)]
@@ -988,13 +943,6 @@ def test_bfloat16_torch_tensors_round_trip_without_float32_copies(cp: Any) -> No
     _check(s.cpu().numpy(), want_s, "float32", T * D, "bf16 run's final state")
 
 
-def _torch_with_cuda() -> Any:
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("PyTorch has no CUDA device")
-    return torch
-
-
 @pytest.mark.parametrize("gates", ["none", "step", "key"])
 def test_torch_tensors_run_on_the_callers_stream(cp: Any, gates: str) -> None:
     """Inputs made on a side stream behind a long GPU sleep: the kernels must run on that stream.
@@ -1004,10 +952,10 @@ def test_torch_tensors_run_on_the_callers_stream(cp: Any, gates: str) -> None:
     strided last axis (q) and one float32 operand among float16 ones (promoted: the
     CUDA-core kernel then reads all in float32).
     """
-    torch = _torch_with_cuda()
+    torch = torch_with_cuda()
     p = {"lead_q": (2, 3, 1), "lead_kv": (2, 3, 1), "T": 700, "Dk": 64, "Dv": 64, "gates": gates,
          "regime": "mild", "initial": True, "dtype": "float16", "seed": 11}
-    host = _linear_inputs(p)
+    host = linear_inputs(p)
     o_ref, s_ref = causal_scan(**host)
     base = {name: None if x is None else torch.tensor(x, device="cuda").to(
         torch.float32 if name == "initial_state" else torch.float16) for name, x in host.items()}

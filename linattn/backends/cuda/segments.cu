@@ -13,18 +13,7 @@
 // double), GK_MODE (0 none, 1 one per step, 2 per key row), HAS_GV, HAS_SIN.
 // Strides are in elements; leading axes are three (a stride of 0 broadcasts).
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-typedef long long i64;
-
-__device__ __forceinline__ ACC to_acc(float x) { return (ACC)x; }
-__device__ __forceinline__ ACC to_acc(double x) { return (ACC)x; }
-__device__ __forceinline__ ACC to_acc(__half x) { return (ACC)__half2float(x); }
-__device__ __forceinline__ ACC to_acc(__nv_bfloat16 x) { return (ACC)__bfloat162float(x); }
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+#include "elem_common.cuh"
 
 #define SUM_THREADS 256
 
