@@ -617,7 +617,9 @@ def causal_scan_vjp(
             + [t = T-1] \sum_d (dS_T \odot S_T)_{de},
 
     and dg_t = Σ_{t' ≥ t} ∂L/∂G_{t'} (a reverse cumulative sum; summed over d for a
-    per-step gate).
+    per-step gate). In the chunked form, a backend with a ``"gate_gradient"`` kernel (the
+    CuPy backend's ``cuda/gate_grad.cu``) forms these sums where q and k (o and v) share a
+    shape; elsewhere they are array operations.
 
     Parameters
     ----------
