@@ -325,7 +325,8 @@ def _form_chunked(xp, q, k, v, gk, gv, state0, chunk_size):
 _FORMS = {"parallel": _form_parallel, "recurrent": _form_recurrent, "chunked": _form_chunked}
 
 
-def _runner(xp: Any, form: str, backend: str | Backend | None, *, reversed_: bool = False) -> Any:
+def _runner(xp: Any, form: str, backend: str | Backend | None, *, reversed_: bool = False,
+            wide: bool = False) -> Any:
     """The function computing ``form``: the backend's kernel for the chunked form, where it has one.
 
     A kernel returns None for a call it does not cover, and the reference runs instead;
@@ -333,18 +334,27 @@ def _runner(xp: Any, form: str, backend: str | Backend | None, *, reversed_: boo
     ``reversed_`` the function scans from the last step to the first (see
     :func:`_reverse_scan`): the backend's ``causal_scan_reversed`` kernel, or the reference
     on time-reversed views.
+
+    The function returns ``(o, final_state, dtype)``: ``dtype`` is the one o is to be
+    rounded to, o's own except where ``wide`` asked the kernel for its outputs unrounded
+    (in its accumulation dtype, float32 for 16-bit data, for gradients that sum them
+    further), where it is the dtype the kernel's rounded outputs have.
     """
     reference = _FORMS[form]
     if reversed_:
         reference = functools.partial(_flipped, reference)
     name = "causal_scan_reversed" if reversed_ else "causal_scan"
     kernel = resolve_backend(backend, xp).kernel(name) if form == "chunked" else None
-    if kernel is None:
-        return reference
 
     def run(xp, q, k, v, gk, gv, state0, chunk_size):
-        result = kernel(q, k, v, gk, gv, state0)
-        return reference(xp, q, k, v, gk, gv, state0, chunk_size) if result is None else result
+        result = None
+        if kernel is not None:
+            result = kernel(q, k, v, gk, gv, state0, wide=True) if wide else kernel(q, k, v, gk, gv, state0)
+        if result is None:
+            o, final = reference(xp, q, k, v, gk, gv, state0, chunk_size)
+            return o, final, o.dtype
+        rounded = xp.result_type(*(x for x in (q, k, v, gk, gv) if x is not None)) if wide else result[0].dtype
+        return (*result, rounded)
     return run
 
 
@@ -440,7 +450,7 @@ def causal_scan(
     xp = _checks.namespace_of(q=q, k=k, v=v, gk=gk, gv=gv, initial_state=initial_state)
     chunk_size = _check_form(form, chunk_size)
     _check_gates(xp, q, k, v, gk, gv)
-    o, final = _runner(xp, form, backend)(xp, q, k, v, gk, gv, initial_state, chunk_size)
+    o, final, _ = _runner(xp, form, backend)(xp, q, k, v, gk, gv, initial_state, chunk_size)
     return o, _as_state_shape(xp, final, k, v, gk, gv, initial_state)
 
 
@@ -526,7 +536,8 @@ def _reverse_scan(xp, a, b, c, ga, gc, state, run_reversed, chunk_size):
     """r_s = Σ_{t≥s} Σ_i a_si e^{Γ_ti − Γ_si} b_ti · c_tj e^{Λ_tj − Λ_sj} (+ the state X decayed to s).
 
     ``run_reversed`` scans from the last step to the first (``_runner(..., reversed_=True)``).
-    Returns r and the "final" state of the reversed scan, which is the sum at s = 0.
+    Returns r, the "final" state of the reversed scan (the sum at s = 0) and the dtype r
+    is to be rounded to (as ``_runner``'s functions return them).
     """
     return run_reversed(xp, a, b, c, _next_gate(xp, ga), _next_gate(xp, gc), state, chunk_size)
 
@@ -555,11 +566,19 @@ def _sum_to_shape(xp: Any, x: Any, shape: tuple[int, ...]) -> Any:
     return xp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-def _fused_gate_gradient(xp: Any, kernel: Any, g: Any, x: Any, dx: Any, y: Any, dy: Any, last: Any) -> Any:
+def _rounded(xp: Any, x: Any, dtype: Any) -> Any:
+    """Return x in ``dtype`` (x itself when it has it)."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def _fused_gate_gradient(xp: Any, kernel: Any, g: Any, x: Any, dx: Any, y: Any, dy: Any, last: Any,
+                         round_dx: bool = False, round_dy: bool = False) -> tuple[Any, Any, Any] | None:
     """A gate's gradient Σ_{t' ≥ t} (x ⊙ dx − y ⊙ dy)_{t'} + last by the backend's kernel, or None.
 
     The kernel covers operands of one shape (no GQA broadcast between the read and
     written terms); the result is then summed to g's shape, as the reference's terms are.
+    Returns (the gradient, dx rounded, dy rounded): the kernel's copies, rounded to the
+    dtype it reads x and y in, where ``round_dx`` (``round_dy``) asked for them, else None.
     """
     if kernel is None or not (x.shape == dx.shape == y.shape == dy.shape) or g.shape[-1] not in (1, x.shape[-1]):
         return None
@@ -572,11 +591,17 @@ def _fused_gate_gradient(xp: Any, kernel: Any, g: Any, x: Any, dx: Any, y: Any, 
         if len(end.shape) > len(target) or any(n not in (1, m) for n, m in pairs):
             return None  # a final-state term with axes that x lacks: the reference sums them
         end = xp.broadcast_to(end, target)
-    result = kernel(x, dx, y, dy, end, summed)
+    copies: tuple[Any, ...] = (None, None)
+    if round_dx or round_dy:
+        result = kernel(x, dx, y, dy, end, summed, round_b=round_dx, round_d=round_dy)
+        if result is not None:
+            result, *copies = result
+    else:
+        result = kernel(x, dx, y, dy, end, summed)
     if result is None:
         return None
     dtype = xp.result_type(x, dx, y, dy, *(() if last is None else (last,)))
-    return _sum_to_shape(xp, result if result.dtype == dtype else xp.astype(result, dtype), tuple(g.shape))
+    return _sum_to_shape(xp, _rounded(xp, result, dtype), tuple(g.shape)), *copies
 
 
 def causal_scan_vjp(
@@ -652,23 +677,28 @@ def causal_scan_vjp(
                               dfinal_state=dfinal_state)
     chunk_size = _check_form(form, chunk_size)
     _check_gates(xp, q, k, v, gk, gv)
-    run = _runner(xp, form, backend)
     T = q.shape[-2]
+    # A gate's gradient sums its steps' products q ⊙ dq − k ⊙ dk (o ⊙ do − v ⊙ dv) over all
+    # later steps, terms that cancel to a much smaller total: rounding dq and dk to 16 bits
+    # first would dominate its error. So the scans that give them are asked for their
+    # outputs unrounded (``wide``), and the gradients are rounded once, at the end.
     need_forward = gv is not None or ((gk is not None or gv is not None) and dfinal_state is not None)
-    o, final = run(xp, q, k, v, gk, gv, initial_state, chunk_size) if need_forward else (None, None)
+    run = _runner(xp, form, backend, wide=gv is not None)
+    o, final, o_dtype = run(xp, q, k, v, gk, gv, initial_state, chunk_size) if need_forward else (None, None, None)
 
     # Scans with the key and value roles swapped take the gates swapped too; a per-step
     # gate scales the whole state, so it stays a (fast) per-step key gate.
     per_step = gv is None and gk is not None and gk.shape[-1] == 1
     swapped = (gk, None) if per_step else (gv, gk)
     swap = None if initial_state is None else xp.matrix_transpose(initial_state)
-    dq, _ = run(xp, do, v, k, *swapped, swap, chunk_size)
+    dq, _, dq_dtype = _runner(xp, form, backend, wide=gk is not None)(xp, do, v, k, *swapped, swap, chunk_size)
     # The backward scans run per query head when q and do carry a group axis that k and v
     # do not (GQA); the final-state cotangent belongs to the shared state, so it is added
     # once, outside them, rather than once per head.
-    run_reversed = _runner(xp, form, backend, reversed_=True)
-    dk, _ = _reverse_scan(xp, v, do, q, *swapped, None, run_reversed, chunk_size)
-    dv, start = _reverse_scan(xp, k, q, do, gk, gv, None, run_reversed, chunk_size)
+    dk, _, dk_dtype = _reverse_scan(xp, v, do, q, *swapped, None,
+                                    _runner(xp, form, backend, reversed_=True, wide=gk is not None), chunk_size)
+    dv, start, dv_dtype = _reverse_scan(xp, k, q, do, gk, gv, None,
+                                        _runner(xp, form, backend, reversed_=True, wide=gv is not None), chunk_size)
     # dk, dv here are per query head when q, do carry a group axis; the final-state terms
     # below have the state's leading dims. Each is summed to its input's shape on its own
     # (and kept apart for the gate gradients, which need each head's own part).
@@ -678,6 +708,9 @@ def causal_scan_vjp(
         dv_parts.append(_reverse_state_readout(xp, k, gk, gv, dfinal_state))
         start = _sum_to_shape(xp, start, tuple(dfinal_state.shape))
         start = start + _decay_state(xp, dfinal_state, _total(xp, gk, 1), _total(xp, gv, 1))
+        # the rounded gradients' dtype: as that of the sums, with the unrounded scan outputs rounded first
+        dk_dtype = xp.result_type(dk_dtype, *(part.dtype for part in dk_parts[1:]))
+        dv_dtype = xp.result_type(dv_dtype, *(part.dtype for part in dv_parts[1:]))
     dk = functools.reduce(operator.add, (_sum_to_shape(xp, part, tuple(k.shape)) for part in dk_parts))
     dv = functools.reduce(operator.add, (_sum_to_shape(xp, part, tuple(v.shape)) for part in dv_parts))
 
@@ -691,17 +724,27 @@ def causal_scan_vjp(
 
     gate_kernel = resolve_backend(backend, xp).kernel("gate_gradient") if form == "chunked" else None
 
+    returned: dict[str, Any] = {}  # gradients that the gate kernel rounded on its way
+
     def gate_gradient(g: Any, read: tuple[Any, Any], written: tuple[Any, Any], written_parts: list[Any],
-                      final_term_axis: int) -> Any:
+                      final_term_axis: int, dtype: Any, targets: tuple[Any, Any]) -> Any:
         # ∂L/∂G_t = x_t ⊙ dx_t − y_t ⊙ dy_t for read = (x, dx), written = (y, dy), with dy the
         # sum of its parts; each term is summed to g's shape on its own, since under GQA the
-        # read term has a group axis that the written ones may lack.
+        # read term has a group axis that the written ones may lack. ``dtype``: the result's,
+        # that of these terms with dx and dy rounded. ``targets``: for dx and dy, None or the
+        # (name, dtype) of the gradient returned, which the kernel may round as it reads it.
         last = None
         if dfinal_state is not None and T > 0:
             last = xp.sum(dfinal_state * final, axis=final_term_axis)  # (..., D), the term at T − 1
-        fused = _fused_gate_gradient(xp, gate_kernel, g, *read, *written, last)
+            dtype = xp.result_type(dtype, last)
+        wanted = [t is not None and x.dtype != t[1] for x, t in zip((read[1], written[1]), targets, strict=True)]
+        fused = _fused_gate_gradient(xp, gate_kernel, g, *read, *written, last, *wanted)
         if fused is not None:
-            return fused
+            result, *copies = fused
+            for copy, target in zip(copies, targets, strict=True):
+                if copy is not None:
+                    returned[target[0]] = _rounded(xp, copy, target[1])
+            return _rounded(xp, result, dtype)
 
         def to_gate(x: Any) -> Any:
             return _sum_to_shape(xp, xp.sum(x, axis=-1, keepdims=True) if g.shape[-1] == 1 else x, tuple(g.shape))
@@ -711,14 +754,18 @@ def causal_scan_vjp(
         if last is not None:
             is_last = xp.astype(xp.arange(T, device=array_api_compat.device(local)) == T - 1, local.dtype)
             local = local + to_gate(_expand(xp, is_last, -1) * _expand(xp, last, -2))  # nonzero at T − 1
-        return xp.flip(xp.cumulative_sum(xp.flip(local, axis=-2), axis=-2), axis=-2)
+        return _rounded(xp, xp.flip(xp.cumulative_sum(xp.flip(local, axis=-2), axis=-2), axis=-2), dtype)
 
-    dgk = None if gk is None else gate_gradient(gk, (q, dq), (k, dk), dk_parts, -1)
-    dgv = None if gv is None else gate_gradient(gv, (o, do), (v, dv), dv_parts, -2)
+    dgk = None if gk is None else gate_gradient(gk, (q, dq), (k, dk), dk_parts, -1,
+                                                xp.result_type(q, dq_dtype, k, dk_dtype),
+                                                (("dq", dq_dtype), ("dk", dk_dtype)))
+    # (do, o) for the value gate: the kernel reads the second of each pair, the scans' outputs, unrounded
+    dgv = None if gv is None else gate_gradient(gv, (do, o), (v, dv), dv_parts, -2,
+                                                xp.result_type(o_dtype, do, v, dv_dtype), (None, ("dv", dv_dtype)))
     return ScanGradients(
-        dq=_sum_to_shape(xp, dq, tuple(q.shape)),
-        dk=_sum_to_shape(xp, dk, tuple(k.shape)),
-        dv=_sum_to_shape(xp, dv, tuple(v.shape)),
+        dq=returned["dq"] if "dq" in returned else _rounded(xp, _sum_to_shape(xp, dq, tuple(q.shape)), dq_dtype),
+        dk=returned["dk"] if "dk" in returned else _rounded(xp, dk, dk_dtype),
+        dv=returned["dv"] if "dv" in returned else _rounded(xp, dv, dv_dtype),
         dgk=dgk,
         dgv=dgv,
         dinitial_state=dinitial,

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from linattn import scan as scan_module
 from linattn.scan import FORMS, causal_scan, causal_scan_vjp, noncausal_scan
 from linattn.testing import numerical_vjp, tolerance
 
@@ -446,13 +447,16 @@ def test_dk_dv_with_a_state_per_query_head_and_shared_keys(form):
     np.testing.assert_array_equal(g.dv, [[[5.0]]])
 
 
-def numpy_gate_gradient(a, b, c, d, end, summed):
+def numpy_gate_gradient(a, b, c, d, end, summed, round_b=False, round_d=False):
     """The backend primitive "gate_gradient" in NumPy, summed in another order than the reference's."""
     r = a * b - c * d
     if summed:
         r = r.sum(axis=-1, keepdims=True)
     suffix = np.flip(np.cumsum(np.flip(r, axis=-2), axis=-2), axis=-2)
-    return suffix if end is None else suffix + end[..., None, :]
+    dg = suffix if end is None else suffix + end[..., None, :]
+    if round_b or round_d:
+        return dg, b.astype(a.dtype) if round_b else None, d.astype(c.dtype) if round_d else None
+    return dg
 
 
 @settings(max_examples=40)
@@ -501,6 +505,84 @@ def test_a_backends_gate_gradient_kernel_replaces_the_references_sums(p, with_fi
         if getattr(want, name) is not None:
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
     assert len(calls) == expected_calls, calls
+
+
+def rounding_scan_kernel(calls: list, reverse: bool):
+    """A "causal_scan" kernel that sums in float64 and rounds o to its inputs' float32 unless asked ``wide``.
+
+    So the CuPy kernels treat 16-bit data; ``calls`` records (direction, wide) per call.
+    """
+    def kernel(q, k, v, gk, gv, state0, wide=False):
+        calls.append(("reversed" if reverse else "forward", wide))
+        prepare = lambda x: None if x is None else (np.flip(x, axis=-2) if reverse else x).astype(np.float64)  # noqa: E731
+        chunked = scan_module._FORMS["chunked"]  # the reference form (the public one checks gate widths)
+        o, s = chunked(np, *(prepare(x) for x in (q, k, v, gk, gv)),
+                       None if state0 is None else state0.astype(np.float64), 64)
+        o = np.flip(o, axis=-2) if reverse else o
+        return (o if wide else o.astype(np.float32)), s.astype(np.float32)
+    return kernel
+
+
+@settings(max_examples=30)
+@given(scan_problems(max_len=9, max_dim=4, gates=("none", "step", "key", "value", "key+value", "step+value")),
+       st.booleans(), st.data())
+def test_gate_gradients_sum_the_scans_unrounded_outputs(p, with_final, data):
+    """The VJP asks the scans whose outputs enter a gate gradient for them unrounded (``wide``).
+
+    A gate's gradient sums q ⊙ dq − k ⊙ dk (o ⊙ do − v ⊙ dv) over all later steps, terms that
+    cancel: rounding dq, dk (o, dv) first would dominate its error in 16 bits. The test
+    backend's scans round to the float32 inputs' dtype unless asked ``wide``; the VJP must
+    ask exactly the dq and dk scans for a key gate and the o and dv scans for a value gate,
+    hand the gate kernel those unrounded gradients, and return every gradient in float32.
+    """
+    from linattn import backends
+
+    calls, gate_calls = [], []
+
+    def gate_kernel(a, b, c, d, end, summed, **rounding):
+        result = numpy_gate_gradient(a, b, c, d, end, summed, **rounding)
+        gate_calls.append(("dgk" if a is p32.q else "dgv", (b.dtype, d.dtype), rounding, result))
+        return result
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    o, s = causal_scan(p.q, p.k, p.v, **p.kwargs)
+    do = rng.standard_normal(o.shape)
+    ds = rng.standard_normal(s.shape) if with_final else None
+    want = causal_scan_vjp(p.q, p.k, p.v, do, dfinal_state=ds, backend="numpy", **p.kwargs)
+    p32 = p.astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        test_backend = backends.Backend("wide-scan-test", array_api_compat.is_numpy_namespace, {
+            "causal_scan": rounding_scan_kernel(calls, reverse=False),
+            "causal_scan_reversed": rounding_scan_kernel(calls, reverse=True), "gate_gradient": gate_kernel})
+        patch.setitem(backends._REGISTRY, test_backend.name, test_backend)
+        got = causal_scan_vjp(p32.q, p32.k, p32.v, do.astype(np.float32),
+                              dfinal_state=None if ds is None else ds.astype(np.float32), backend="wide-scan-test",
+                              **p32.kwargs)
+    key, value = p.gk is not None, p.gv is not None
+    expected = [("forward", key), ("reversed", key), ("reversed", value)]
+    if value or ((key or value) and with_final):  # the forward scan, for o or the final state
+        expected.insert(0, ("forward", value))
+    assert calls == expected
+    # the kernel reads the unrounded gradients and rounds those the VJP returns: dq, dk; dv
+    for gate, dtypes, rounding, result in gate_calls:
+        assert dtypes == (np.float64, np.float64), (gate, dtypes)
+        assert rounding == {"round_b": gate == "dgk", "round_d": True}, (gate, rounding)
+        for name, copy in zip(("dq", "dk") if gate == "dgk" else ("dv",), result[1:] if gate == "dgk" else result[2:],
+                              strict=True):
+            assert getattr(got, name) is copy, name
+    # float32 inputs: each gradient's float64 sums (of the float32 data, with the final-state
+    # terms in float32) are rounded once; those terms are O(T·D) products of the values'
+    # magnitude, as in the test above
+    size = 1.0 + sum(float(np.sum(np.abs(x))) for x in (want.dq, want.dk, want.dv)) * (
+        1.0 + float(np.max(np.abs(p.q), initial=0.0) + np.max(np.abs(p.k), initial=0.0) +
+                    np.max(np.abs(p.v), initial=0.0) + np.max(np.abs(o), initial=0.0)))
+    bound = tolerance(np.float32, max(p.T, 1) * 8) * size
+    for name in ("dq", "dk", "dv", "dgk", "dgv", "dinitial_state"):
+        if getattr(want, name) is None:
+            assert getattr(got, name) is None, name
+            continue
+        assert getattr(got, name).dtype == np.float32, name
+        assert_within(getattr(got, name), getattr(want, name), bound, name)
 
 
 def test_vjp_sums_dk_and_dv_over_the_query_group():

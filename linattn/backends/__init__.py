@@ -40,10 +40,14 @@ class Backend:
         form's arrays and returns its results, or None for a call it does not cover:
 
         - ``"causal_scan"``: ``(q, k, v, gk, gv, state0) -> (o, final_state)``, the chunked
-          form of :func:`linattn.scan.causal_scan`;
+          form of :func:`linattn.scan.causal_scan`; called with ``wide=True`` it may return
+          o unrounded in its accumulation dtype (float32 for 16-bit data), as
+          :func:`linattn.scan.causal_scan_vjp` asks for the gradients that its gate
+          gradients sum;
         - ``"causal_scan_reversed"``: the same scan run from the last step to the first,
           S_t = diag(e^{gk_t}) S_{t+1} diag(e^{gv_t}) + k_t v_tᵀ from S_T = state0,
-          o_t = S_tᵀ q_t, returning (o, S_0) (the gradients' backward scans);
+          o_t = S_tᵀ q_t, returning (o, S_0) (the gradients' backward scans), ``wide`` as
+          for ``"causal_scan"``;
         - ``"delta_scan"``: ``(q, k, v, beta, g, state0) -> (o, final_state)``, the chunked
           form of :func:`linattn.delta_scan.delta_scan`;
         - ``"delta_scan_vjp"``: ``(q, k, v, beta, g, state0, do, dfinal_state) ->
@@ -52,7 +56,10 @@ class Backend:
         - ``"gate_gradient"``: ``(a, b, c, d, end, summed) -> dG`` with
           dG_t = end + Σ_{t' ≥ t} (a ⊙ b − c ⊙ d)_{t'}, summed over the last axis when
           ``summed``, for operands of one shape (..., T, D): the gradient of a scan's
-          log-gates in :func:`linattn.scan.causal_scan_vjp`.
+          log-gates in :func:`linattn.scan.causal_scan_vjp`; called with ``round_b=True``
+          (``round_d=True``) it returns (dG, b rounded, d rounded): b (d) rounded to the
+          dtype a and c are read in, None for a copy not asked for — the VJP's unrounded
+          gradients rounded as the kernel reads them.
     """
 
     name: str

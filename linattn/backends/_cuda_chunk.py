@@ -411,7 +411,7 @@ def chunked_linear_scan(call: cs.Call) -> tuple[Any, Any] | None:
     else:
         plan = _one_warpgroup_where_it_fills(plan, n_lead, Dv, T, call.device)
         defines = {"DKP": plan.dkp, "GROUPS": plan.groups, "ELEM_HALF": int(call.dtype == "float16"),
-                   "GATED": int(go is not None), "SPLIT": int(SPLIT)}
+                   "GATED": int(go is not None), "SPLIT": int(SPLIT), "WIDE_O": int(call.wide)}
         if isinstance(plan, _WarpgroupPlan):
             source, kernel = "chunk_wgmma.cu", "chunk_linear_scan_wg"
         else:

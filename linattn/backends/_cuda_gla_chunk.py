@@ -112,11 +112,12 @@ def chunked_gla_scan(call: cs.Call) -> tuple[Any, Any] | None:
     """The scan of ``causal_scan`` on tensor cores, with a log-gate per key (..., T, Dk) and none per value.
 
     ``call`` holds the operands q, k, v, gk, gv, state; returns ``(o, final_state)`` in
-    the caller's library, or None when the kernels do not cover the call.
+    the caller's library, or None when the kernels do not cover the call (outputs in
+    float32 from 16-bit data, ``wide``, included: the CUDA-core kernel writes those).
     """
     qr, kr, vr, gr, gvr, sr = call.refs
     T, Dk, Dv = qr.shape[-2], qr.shape[-1], vr.shape[-1]
-    if not ENABLED or gvr is not None or gr is None or gr.shape[-1] != Dk or Dk == 1:
+    if not ENABLED or call.wide or gvr is not None or gr is None or gr.shape[-1] != Dk or Dk == 1:
         return None
     plans = _scan_plans(call.dtype, Dk, Dv, _shared_limit(call.device))
     present = [r for r in call.refs if r is not None]

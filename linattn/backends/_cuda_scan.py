@@ -117,11 +117,14 @@ class Call:
     (converting the rest happens in the caller's library). ``refs`` are the operands in
     the order given, the state last. With ``reverse`` the kernels walk time from the last
     step to the first: every operand but the state, and the outputs of :meth:`output`,
-    are addressed from their last step with the time stride negated (no copy).
+    are addressed from their last step with the time stride negated (no copy). With
+    ``wide`` the outputs of :meth:`output` are in the accumulation dtype: unrounded.
     """
 
-    def __init__(self, lib: Any, dtype: str, device: int, arrays: list[Any], reverse: bool = False):
+    def __init__(self, lib: Any, dtype: str, device: int, arrays: list[Any], reverse: bool = False,
+                 wide: bool = False):
         self.lib, self.dtype, self.device, self.reverse = lib, dtype, device, reverse
+        self.out_dtype = cl.accumulation(dtype) if wide else dtype
         self.arrays = arrays  # held until the launch is queued
         self.refs = [None if x is None else lib.ref(x) for x in arrays]
         if reverse:
@@ -129,7 +132,7 @@ class Call:
             self.refs[:-1] = [None if r is None else reversed_in_time(r, size) for r in self.refs[:-1]]
 
     @classmethod
-    def of(cls, *arrays: Any, state: Any, reverse: bool = False) -> Call | None:
+    def of(cls, *arrays: Any, state: Any, reverse: bool = False, wide: bool = False) -> Call | None:
         given = [x for x in (*arrays, state) if x is not None]
         lib = cl.library_of(given)
         if lib is None:
@@ -140,11 +143,16 @@ class Call:
         dtype = cl.promote(dtypes[: len(dtypes) - (state is not None)])
         converted = [None if x is None else lib.convert(x, dtype) for x in arrays]
         converted.append(None if state is None else lib.convert(state, cl.accumulation(dtype)))
-        return cls(lib, dtype, lib.device(given[0]), converted, reverse)
+        return cls(lib, dtype, lib.device(given[0]), converted, reverse, wide)
 
     @property
     def accumulation(self) -> str:
         return cl.accumulation(self.dtype)
+
+    @property
+    def wide(self) -> bool:
+        """Whether the outputs are in a wider dtype than the data (the kernels' ``WIDE_O``)."""
+        return self.out_dtype != self.dtype
 
     def empty(self, shape: tuple[int, ...], dtype: str | None = None) -> tuple[Any, int]:
         """A new array (the data dtype unless given) and its address."""
@@ -152,13 +160,16 @@ class Call:
         return x, self.lib.ref(x).ptr
 
     def output(self, lead: tuple[int, ...], T: int, D: int) -> tuple[Any, Operand]:
-        """A new C-contiguous (*lead, T, D) output in the data dtype, and its operand (reversed with the call)."""
-        x, ptr = self.empty((*lead, T, D))
+        """A new C-contiguous (*lead, T, D) output, and its operand (reversed with the call).
+
+        In the data dtype, or with ``wide`` the accumulation dtype.
+        """
+        x, ptr = self.empty((*lead, T, D), self.out_dtype)
         strides = [D, 1]
         for n in reversed((*lead, T)[1:]):
             strides.insert(0, strides[0] * n)
         ref = cl.Ref(ptr, (*lead, T, D), tuple(strides))
-        return x, operand(reversed_in_time(ref, cl.itemsize(self.dtype)) if self.reverse else ref)
+        return x, operand(reversed_in_time(ref, cl.itemsize(self.out_dtype)) if self.reverse else ref)
 
     def launcher(self) -> Callable[..., None]:
         """``run(source, name, defines, grid, block, args, shared=0)`` on this call's device and stream."""
@@ -364,14 +375,15 @@ def _layout(call: Call, tiles: tuple[int, int], budget: Budget, whole_warps: boo
     return _Layout(lead, (1,) * (3 - len(lead)) + lead, state_lead, T, Dk, Dv, plan, defines)
 
 
-def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any, *, reverse: bool = False
-                ) -> tuple[Any, Any] | None:
+def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any, *, reverse: bool = False,
+                wide: bool = False) -> tuple[Any, Any] | None:
     """The causal linear scan on the GPU (see :func:`linattn.scan.causal_scan`), or None.
 
     With ``reverse`` the scan runs from the last step to the first (the backend's
-    ``causal_scan_reversed``), reading the operands in place.
+    ``causal_scan_reversed``), reading the operands in place. With ``wide`` the outputs
+    are in the accumulation dtype (float32 for 16-bit data): the float32 sums unrounded.
     """
-    call = Call.of(q, k, v, gk, gv, state=state0, reverse=reverse)
+    call = Call.of(q, k, v, gk, gv, state=state0, reverse=reverse, wide=wide)
     if call is None:
         return None
     gkr, gvr = call.refs[3:5]
@@ -395,7 +407,7 @@ def linear_scan(q: Any, k: Any, v: Any, gk: Any, gv: Any, state0: Any, *, revers
     acc, itemsize = call.accumulation, cl.itemsize(call.dtype)
     T, Dk, Dv, lead3, n_lead = lay.T, lay.Dk, lay.Dv, lay.lead3, lay.n_lead
     qo, ko, vo, gko, gvo = (operand(r) for r in call.refs[:5])
-    defines = {**lay.defines, "GK_MODE": gk_mode, "HAS_GV": int(gvr is not None),
+    defines = {**lay.defines, "GK_MODE": gk_mode, "HAS_GV": int(gvr is not None), "WIDE_O": int(call.wide),
                "VW": _vector_width([qo, ko, gko if gk_mode == 2 else None], itemsize, Dk, lay.plan.kpt),
                "VWC": _vector_width([vo, gvo], itemsize, Dv, lay.plan.vb)}
     # The occupancy of the one-pass variant (the passes of a segmented scan hold the same state).

@@ -241,6 +241,55 @@ def test_tensor_core_kernel_matches_the_reference(cp: Any, tensor_core_calls: li
     _check(s, s_ref, "float32", n, f"final state of {problem}")
 
 
+@st.composite
+def wide_problems(draw: Any) -> dict[str, Any]:
+    """float16 calls of every kernel (tensor-core and CUDA-core), forwards or reversed in time."""
+    problem = draw(st.one_of(tensor_core_problems(), linear_problems()))
+    return {**problem, "dtype": "float16", "reverse": draw(st.booleans())}
+
+
+def _check_wide(cp: Any, host: dict[str, Any], dev: dict[str, Any], reverse: bool, what: str) -> None:
+    """``linear_scan(..., wide=True)``: float32 outputs, the float16 call's bitwise once rounded, within
+    float32's accumulation tolerance of the float64 reference (no storage rounding: ``_rtol("float32", n)``).
+
+    The GLA kernel declines wide calls (the CUDA-core kernel writes them), so it is off here
+    for the float16 call as well: both run on one kernel.
+    """
+    from linattn.backends import _cuda_gla_chunk, _cuda_scan
+
+    args = [dev[name] for name in ("q", "k", "v", "gk", "gv", "initial_state")]
+    wide = _cuda_scan.linear_scan(*args, reverse=reverse, wide=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_cuda_gla_chunk, "ENABLED", False)
+        narrow = _cuda_scan.linear_scan(*args, reverse=reverse)
+    assert wide is not None and narrow is not None
+    assert wide[0].dtype == "float32" and narrow[0].dtype == "float16"
+    assert bool(cp.all(wide[0].astype("float16") == narrow[0])), f"{what}: rounded wide outputs differ"
+    assert bool(cp.all(wide[1] == narrow[1])), f"{what}: final states differ"
+    flip = (lambda x: None if x is None else np.flip(x, axis=-2)) if reverse else (lambda x: x)
+    o_ref, _ = causal_scan(*(flip(host[name]) for name in ("q", "k", "v")), gk=flip(host["gk"]), gv=flip(host["gv"]),
+                           initial_state=host["initial_state"])
+    T, Dk = host["k"].shape[-2:]
+    _check(wide[0], flip(o_ref), "float32", T * Dk, f"wide outputs of {what}")
+
+
+@pytest.mark.usefixtures("nan_memory", "linear_kernel")
+@GPU_SETTINGS
+@given(wide_problems())
+def test_wide_outputs_are_the_unrounded_sums(cp: Any, problem: dict[str, Any]) -> None:
+    """``wide`` (the outputs that a gate's gradient sums, causal_scan_vjp) on every kernel."""
+    host = linear_inputs(problem)
+    _check_wide(cp, host, to_device(cp, host, "float16"), problem["reverse"], str(problem))
+
+
+@pytest.mark.usefixtures("nan_memory", "linear_kernel")
+@pytest.mark.parametrize("gates", ["step", "key"])
+def test_wide_outputs_over_time_segments(cp: Any, gates: str) -> None:
+    """``wide`` through the three passes of a time-segmented scan (tensor cores; "key": CUDA cores)."""
+    host, dev = _long_problem(cp, 5001, "float16", gates)
+    _check_wide(cp, host, dev, False, f"T = 5001, {gates}")
+
+
 @pytest.mark.usefixtures("nan_memory", "linear_kernel")
 @pytest.mark.parametrize("gates", ["none", "step"])
 @pytest.mark.parametrize("Dk", [64, 256])

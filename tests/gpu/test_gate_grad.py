@@ -9,7 +9,9 @@ for float64 data), a sum of D products per row or one difference per entry, so w
 suffix sums are float64 (``tolerance(float64, T)`` of Σ m); the result is rounded once to
 the storage type (half an ulp: ε of the storage type relative to |dG_t| covers it twice).
 So |got − want| ≤ ε_dtype |want| + (tolerance(acc, D) + tolerance(float64, T)) M_t with
-M_t = |e| + Σ_{t' ≥ t} m_{t'}.
+M_t = |e| + Σ_{t' ≥ t} m_{t'}. Where b and d are float32 beside float16 a and c (the scans'
+unrounded gradients), the products round once in float32, within the same tolerance(float32, ·)
+of their magnitude, and the result is float32.
 """
 
 from __future__ import annotations
@@ -62,9 +64,16 @@ def gate_gradient_problems(draw: Any) -> dict[str, Any]:
         "summed": draw(st.booleans()),
         "end": draw(st.booleans()),
         "layout": draw(st.sampled_from(["contiguous", "time-major view", "offset"])),
-        "dtype": draw(st.sampled_from(["float64", "float32", "float16"])),
+        # "float16/float32": a, c in float16, b, d (the gradients, unrounded) in float32
+        "dtype": draw(st.sampled_from(["float64", "float32", "float16", "float16/float32"])),
         "seed": draw(st.integers(0, 2**31)),
     }
+
+
+def dtypes(problem: dict[str, Any]) -> tuple[str, str]:
+    """(the dtype of a and c, that of b, d and the result)."""
+    data, _, grad = problem["dtype"].partition("/")
+    return data, grad or data
 
 
 def device_operands(cp: Any, host: list[np.ndarray], layout: str, dtype: str) -> list[Any]:
@@ -87,7 +96,8 @@ def device_operands(cp: Any, host: list[np.ndarray], layout: str, dtype: str) ->
 def _problem(p: dict[str, Any]) -> tuple[list[np.ndarray], np.ndarray | None]:
     rng = np.random.default_rng(p["seed"])
     shape = (*p["lead"], p["T"], p["D"])
-    host = [rng.standard_normal(shape).astype(p["dtype"]).astype(np.float64) for _ in range(4)]
+    data, grad = dtypes(p)
+    host = [rng.standard_normal(shape).astype(dtype).astype(np.float64) for dtype in (data, grad, data, grad)]
     end = rng.standard_normal((*p["lead"], 1 if p["summed"] else p["D"])) if p["end"] else None
     return host, end
 
@@ -97,16 +107,23 @@ def _problem(p: dict[str, Any]) -> tuple[list[np.ndarray], np.ndarray | None]:
 @given(gate_gradient_problems())
 def test_gate_gradient_kernels_match_float64_and_repeat_bitwise(cp: Any, problem: dict[str, Any]) -> None:
     host, end = _problem(problem)
+    data, grad = dtypes(problem)
     kernel = get_backend("cupy").kernel("gate_gradient")
-    dev = device_operands(cp, host, problem["layout"], problem["dtype"])
-    end_dev = None if end is None else cp.asarray(end, dtype="float64" if problem["dtype"] == "float64" else "float32")
-    first = kernel(*dev, end_dev, problem["summed"])
-    second = kernel(*dev, end_dev, problem["summed"])
-    assert first.dtype == problem["dtype"] and first.shape == (*problem["lead"], problem["T"],
-                                                               1 if problem["summed"] else problem["D"])
+    a, c = device_operands(cp, host[::2], problem["layout"], data)
+    b, d = device_operands(cp, host[1::2], problem["layout"], grad)
+    end_dev = None if end is None else cp.asarray(end, dtype="float64" if data == "float64" else "float32")
+    first = kernel(a, b, c, d, end_dev, problem["summed"])
+    second = kernel(a, b, c, d, end_dev, problem["summed"])
+    assert first.dtype == grad and first.shape == (*problem["lead"], problem["T"],
+                                                   1 if problem["summed"] else problem["D"])
     assert bool(cp.all(first == second)), "two runs differ"
     want, size = reference(*host, end, problem["summed"])
-    check(cp.asnumpy(first), want, size, problem["dtype"], problem["D"], problem["summed"], str(problem))
+    check(cp.asnumpy(first), want, size, grad, problem["D"], problem["summed"], str(problem))
+    # b and d rounded to a's dtype on the way (the VJP's returned gradients): astype's rounding
+    third, b_rounded, d_rounded = kernel(a, b, c, d, end_dev, problem["summed"], round_b=True, round_d=True)
+    assert bool(cp.all(third == first)), "rounding copies changed dG"
+    assert b_rounded.dtype == d_rounded.dtype == data and b_rounded.shape == d_rounded.shape == b.shape
+    assert bool(cp.all(b_rounded == b.astype(data))) and bool(cp.all(d_rounded == d.astype(data)))
 
 
 @pytest.mark.usefixtures("nan_memory")
@@ -134,45 +151,70 @@ def test_gate_gradient_kernels_decline_what_they_do_not_cover(cp: Any) -> None:
 
 
 @pytest.mark.usefixtures("nan_memory")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("gates", ["step", "key", "key+value"])
-def test_vjp_takes_the_gate_gradient_kernel_without_gqa(cp: Any, monkeypatch: pytest.MonkeyPatch, gates: str) -> None:
+def test_vjp_takes_the_gate_gradient_kernel_without_gqa(cp: Any, monkeypatch: pytest.MonkeyPatch, gates: str,
+                                                        dtype: str) -> None:
     """causal_scan_vjp on CuPy asks the kernel for each gate when q and k (o and v) share a
-    shape, with the final state's term as its end value.
+    shape, with the final state's term as its end value, and hands it the scans' gradients
+    (and o) unrounded: float32, where float16 data would round them (to 11 bits before sums
+    that cancel).
 
-    Checked against the float64 gradient of the same float32 values: the kernels' dq, dk,
-    dv (checked by test_cuda_scan) and the forward's o and final state, which the same
-    deterministic kernels give again here; the final-state term e = Σ dS ⊙ S_T is a
-    float32 sum of Dk·Dv (or Dv) products, allowed tolerance(float32, Dk·Dv) of its terms.
+    Checked against the float64 gradient of the kernel's operands: the data and the scans'
+    float32 outputs dq, dk (o, dv) (checked by test_cuda_scan), whose rounding must be the
+    gradients returned (and the forward's o, which the same deterministic kernels give
+    again here); the final-state term e = Σ dS ⊙ S_T is a float32 sum of Dk·Dv (or Dv)
+    products, allowed tolerance(float32, Dk·Dv) of its terms.
     """
     backend = get_backend("cupy")
     calls = []
     kernel = backend.kernels["gate_gradient"]
-    monkeypatch.setitem(backend.kernels, "gate_gradient", lambda *args: calls.append(args[-1]) or kernel(*args))
-    p = {"lead_q": (2, 3, 1), "lead_kv": (2, 3, 1), "T": 150, "Dk": 64, "Dv": 100, "gates": gates,
-         "regime": "mild", "initial": True, "dtype": "float32", "seed": 4}
+    def spy(*args: Any, **rounding: bool) -> Any:
+        calls.append(args)
+        return kernel(*args, **rounding)
+
+    monkeypatch.setitem(backend.kernels, "gate_gradient", spy)
+    # Dv = 96 in float16: a per-step gate's scans then run on tensor cores (Dv a multiple of 8)
+    p = {"lead_q": (2, 3, 1), "lead_kv": (2, 3, 1), "T": 150, "Dk": 64, "Dv": 100 if dtype == "float32" else 96,
+         "gates": gates, "regime": "mild", "initial": True, "dtype": dtype, "seed": 4}
     rng = np.random.default_rng(5)
     host = linear_inputs(p)
     host["do"] = rng.standard_normal((*p["lead_q"], p["T"], p["Dv"]))
     host["dfinal_state"] = rng.standard_normal((*p["lead_kv"], p["Dk"], p["Dv"]))
-    dev = to_device(cp, host, "float32")
+    dev = to_device(cp, host, dtype)
     got = causal_scan_vjp(**dev, backend="cupy")
-    assert calls == {"step": [True], "key": [False], "key+value": [False, False]}[gates]
+    assert [args[-1] for args in calls] == {"step": [True], "key": [False], "key+value": [False, False]}[gates]
+    assert all(args[1].dtype == args[3].dtype == "float32" for args in calls)  # unrounded
+    # dk and dv add the final state's read-out (float32, the state's dtype), as the reference does
+    assert got.dq.dtype == dtype and got.dk.dtype == got.dv.dtype == "float32"
     o, final = causal_scan(dev["q"], dev["k"], dev["v"], gk=dev["gk"], gv=dev["gv"],
                            initial_state=dev["initial_state"], backend="cupy")
     f64 = lambda x: cp.asnumpy(x).astype(np.float64)  # noqa: E731
     dS_S = f64(dev["dfinal_state"]) * f64(final)
-    terms = {"dgk": (f64(dev["q"]), f64(got.dq), f64(dev["k"]), f64(got.dk), dS_S.sum(-1), np.abs(dS_S).sum(-1)),
-             "dgv": (f64(o), f64(dev["do"]), f64(dev["v"]), f64(got.dv), dS_S.sum(-2), np.abs(dS_S).sum(-2))}
-    for name, (a, b, c, d, end, end_size) in terms.items():
+    # the kernel's operands in the order the VJP passes them: (q, dq, k, dk), then (do, o, v, dv)
+    given = dict(zip(["dgk", "dgv"], calls, strict=False))
+    rounded = {"dgk": (("dq", 1), ("dk", 3)), "dgv": (("dv", 3),)}
+    ends = {"dgk": (dS_S.sum(-1), np.abs(dS_S).sum(-1)), "dgv": (dS_S.sum(-2), np.abs(dS_S).sum(-2))}
+    for name in ("dgk", "dgv"):
         gate = dev["gk" if name == "dgk" else "gv"]
         if gate is None:
             assert getattr(got, name) is None
             continue
+        a, b, c, d = given[name][:4]
+        assert bool(cp.all(a == (dev["q"] if name == "dgk" else dev["do"])))
+        for grad, i in rounded[name]:
+            returned = getattr(got, grad)
+            assert bool(cp.all(returned == given[name][i].astype(returned.dtype))), f"{grad}: not the rounded operand"
+        if name == "dgv":
+            assert bool(cp.all(b.astype(dtype) == o)), "o: not the forward's, unrounded"
+        end, end_size = ends[name]
         summed = gate.shape[-1] == 1
         if summed:
             end, end_size = end.sum(-1, keepdims=True), end_size.sum(-1, keepdims=True)
-        want, size = reference(a, b, c, d, end, summed)
+        want, size = reference(f64(a), f64(b), f64(c), f64(d), end, summed)
         extra = tolerance("float32", p["Dk"] * p["Dv"]) * end_size[..., None, :]
+        # rounded to float32 here: the final state's term e (the state's dtype) is float32
+        assert getattr(got, name).dtype == "float32"
         check(f64(getattr(got, name)), want, size, "float32", a.shape[-1], summed, name, extra)
 
 

@@ -8,13 +8,24 @@ typedef unsigned int u32;
 
 #define FULL 0xffffffffu
 
+// The linear scan's outputs: with WIDE_O float32, its accumulators unrounded (for gradients that
+// sum them further), else the storage type.
+#ifndef WIDE_O
+#define WIDE_O 0
+#endif
+#if WIDE_O
+#define OUT_ELEM float
+#else
+#define OUT_ELEM ELEM
+#endif
+
 // The linear scan kernels (chunk_mma.cu, chunk_wgmma.cu, chunk_tf32.cu) take the same
 // arguments (the launcher in _cuda_chunk.py passes one list to any) and locate their block's
 // work the same way: its leading index (la, lb, lc), value columns from c0, time segment [t_begin,
 // t_end) of n_chunks chunks, and its operands' bases there.
 #define LINEAR_CHUNK_PARAMS                                                                                     \
     const ELEM *__restrict__ q, const ELEM *__restrict__ k, const ELEM *__restrict__ v,                           \
-        const ELEM *__restrict__ g, const float *__restrict__ s_in, ELEM *__restrict__ o,                         \
+        const ELEM *__restrict__ g, const float *__restrict__ s_in, OUT_ELEM *__restrict__ o,                     \
         float *__restrict__ s_out, i64 T, int Dk, int Dv, i64 n1, i64 n2, i64 seg_len, int col_blocks, i64 qs0,   \
         i64 qs1, i64 qs2, i64 qts, i64 ks0, i64 ks1, i64 ks2, i64 kts, i64 vs0, i64 vs1, i64 vs2, i64 vts,        \
         i64 os0, i64 os1, i64 os2, i64 ots, i64 gs0, i64 gs1, i64 gs2, i64 gts, i64 ss0, i64 ss1, i64 ss2,        \

@@ -30,7 +30,8 @@
 // Compile-time parameters (-D): ELEM_HALF (float16, else bfloat16), DKP (keys padded to a
 // multiple of 16), VB (value columns per group of warps, a multiple of 16), GROUPS, WM (warps along the
 // state's rows in the update), GATED (a log-gate per step), HAS_SIN, WRITE_O (0: the
-// states only, for the first pass of the time-segmented scan), SPLIT, Q_SINGLE.
+// states only, for the first pass of the time-segmented scan), SPLIT, Q_SINGLE, WIDE_O (outputs in
+// float32, the accumulators unrounded).
 //
 // Strides are in elements; the last axis of every operand is contiguous, every row starts
 // on 16 bytes, and Dk, Dv are multiples of 8 (the launcher checks). A time stride may be
@@ -71,7 +72,7 @@ chunk_linear_scan(LINEAR_CHUNK_PARAMS) {
     const int c0 = (blockIdx.x % col_blocks) * VBB;
     const int gw = warp & 3, cg = (warp >> 2) * VB;  // the warp's place in its group; the group's columns
     LINEAR_CHUNK_GEOMETRY
-    [[maybe_unused]] ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + c0;
+    [[maybe_unused]] OUT_ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + c0;
 
     // This warp's tile of the state: rows d_base + [0, 16 MT), columns c_base + [0, 8 NT).
     const int d_base = (gw % WM) * MT * 16, c_base = cg + (gw / WM) * NT * 8;
@@ -235,7 +236,10 @@ chunk_linear_scan(LINEAR_CHUNK_PARAMS) {
                 }
             }
         }
-        // Stage this warp's 16 output rows, then write them in 16-byte pieces.
+        // Stage this warp's 16 output rows, then write them in 16-byte pieces (float32 rows: directly).
+#if WIDE_O
+        store_rows_float(O, 1.f / score_scale, ob + cg, ots, t_begin + (i64)n * CH + row0, t_end, c0 + cg, Dv);
+#else
         {
             const float unscale = 1.f / score_scale;
 #pragma unroll
@@ -255,6 +259,7 @@ chunk_linear_scan(LINEAR_CHUNK_PARAMS) {
                         *reinterpret_cast<const uint4*>(so + (row0 + r) * VS + c);
             }
         }
+#endif  // WIDE_O
 #endif
 
         // The update of this warp's state tile: S <- e^{G_C} S + (K ⊙ e^{G_C - G})^T V.

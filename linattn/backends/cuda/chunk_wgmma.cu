@@ -40,7 +40,8 @@
 //
 // Compile-time parameters (-D): ELEM_HALF (float16, else bfloat16), DKP (keys padded to a
 // multiple of 64, at most 128), GROUPS (warpgroups, each 64 value columns), GATED, HAS_SIN,
-// WRITE_O (0: the states only, for the first pass of the time-segmented scan), SPLIT.
+// WRITE_O (0: the states only, for the first pass of the time-segmented scan), SPLIT, WIDE_O
+// (outputs in float32, the accumulators unrounded).
 // Compiled for sm_90a. Strides and layouts as in chunk_mma.cu.
 
 #define CH 64
@@ -100,7 +101,7 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
     const int vtile = KSPLIT ? 0 : group, kb0 = KSPLIT ? group * KBG : 0;
     const int c0 = (blockIdx.x % col_blocks) * VBB, cg = c0 + vtile * 64;
     LINEAR_CHUNK_GEOMETRY
-    [[maybe_unused]] ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + cg;
+    [[maybe_unused]] OUT_ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + cg;
     ELEM* group_hi = shi + group * KBG * WG_TILE;
     ELEM* group_lo = slo + group * KBG * WG_TILE;
 
@@ -364,6 +365,8 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) slot[(4 * t + e) * 32 + lane] = O[t][e] / score_scale;
         }
+#elif WIDE_O
+        store_rows_float(O, 1.f / score_scale, ob, ots, t_begin + (i64)n * CH + 16 * gw, t_end, cg, Dv);
 #else
         store_rows(O, 1.f / score_scale, so + warp * 16 * OS, OS, st_row - 16 * gw, st_col, ob, ots,
                    t_begin + (i64)n * CH + 16 * gw, t_end, cg, Dv);
@@ -383,8 +386,12 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) O[t][e] = O[t][e] / score_scale + slot[(4 * t + e) * 32 + lane];
             __syncwarp();
+#if WIDE_O
+            store_rows_float(O, 1.f, ob, ots, t_begin + (i64)n * CH + 16 * gw, t_end, cg, Dv);
+#else
             store_rows(O, 1.f, reinterpret_cast<ELEM*>(slot), OS, st_row - 16 * gw, st_col, ob, ots,
                        t_begin + (i64)n * CH + 16 * gw, t_end, cg, Dv);
+#endif
         }
 #endif
 #if GATED

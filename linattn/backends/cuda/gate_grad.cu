@@ -5,12 +5,15 @@
 //
 // e.g. a, b, c, d = q, dq, k, dk for the key gates. gate_grad_rows forms r in the
 // accumulation type (float32 for narrower data) into a scratch array (n_lead, T, W), reading
-// each operand once; gate_grad_suffix sums it from the last step to the first in float64 and
-// writes dG in the data type, C-contiguous (n_lead, T, W).
+// each operand once (and with ROUND_B, ROUND_D writing b, d rounded to ELEM, C-contiguous
+// (n_lead, T, D): the gradients the caller returns, rounded once); gate_grad_suffix sums r from
+// the last step to the first in float64 and writes dG in the gradients' type, C-contiguous
+// (n_lead, T, W).
 //
-// Compile-time parameters (-D): ELEM (the data's type), ACC (float, or double for float64
-// data), ROW_SUM, END, VEC (elements per load: 4 where every row of every operand starts on
-// 4 elements, else 1). Strides are in elements; leading axes are three (0 broadcasts), the
+// Compile-time parameters (-D): ELEM (the type of a and c), GRAD (of b, d and dG: ELEM, or for
+// 16-bit data float32, the scans' unrounded outputs), ACC (float, or double for float64 data),
+// ROW_SUM, END, ROUND_B, ROUND_D, VEC (elements per load: 4 where every row of every operand starts
+// on 4 elements, else 1). Strides are in elements; leading axes are three (0 broadcasts), the
 // last axis is contiguous.
 
 #include "elem_common.cuh"
@@ -22,7 +25,8 @@
 #define SUFFIX_THREADS 1024
 
 // A row of an operand: its address, the three leading strides and the time stride at `s`.
-__device__ __forceinline__ const ELEM* row(const ELEM* p, const i64* s, i64 a0, i64 a1, i64 a2, i64 t) {
+template <typename E>
+__device__ __forceinline__ const E* row(const E* p, const i64* s, i64 a0, i64 a1, i64 a2, i64 t) {
     return p + a0 * s[0] + a1 * s[1] + a2 * s[2] + t * s[3];
 }
 
@@ -33,18 +37,18 @@ __device__ __forceinline__ void store_rounded(__half* p, double x) { *p = __doub
 __device__ __forceinline__ void store_rounded(__nv_bfloat16* p, double x) { *p = __double2bfloat16(x); }
 
 // V consecutive elements from p (aligned to V elements), converted to ACC.
-template <int V>
-__device__ __forceinline__ void load_vec(ACC (&out)[V], const ELEM* p) {
-    if constexpr (V * sizeof(ELEM) == 8) {
+template <int V, typename E>
+__device__ __forceinline__ void load_vec(ACC (&out)[V], const E* p) {
+    if constexpr (V * sizeof(E) == 8) {
         const uint2 raw = *reinterpret_cast<const uint2*>(p);
-        const ELEM* e = reinterpret_cast<const ELEM*>(&raw);
+        const E* e = reinterpret_cast<const E*>(&raw);
 #pragma unroll
         for (int j = 0; j < V; ++j) out[j] = to_acc(e[j]);
-    } else if constexpr (V * sizeof(ELEM) % 16 == 0) {
-        uint4 raw[V * sizeof(ELEM) / 16];
+    } else if constexpr (V * sizeof(E) % 16 == 0) {
+        uint4 raw[V * sizeof(E) / 16];
 #pragma unroll
-        for (int i = 0; i < V * (int)sizeof(ELEM) / 16; ++i) raw[i] = reinterpret_cast<const uint4*>(p)[i];
-        const ELEM* e = reinterpret_cast<const ELEM*>(raw);
+        for (int i = 0; i < V * (int)sizeof(E) / 16; ++i) raw[i] = reinterpret_cast<const uint4*>(p)[i];
+        const E* e = reinterpret_cast<const E*>(raw);
 #pragma unroll
         for (int j = 0; j < V; ++j) out[j] = to_acc(e[j]);
     } else {
@@ -53,12 +57,27 @@ __device__ __forceinline__ void load_vec(ACC (&out)[V], const ELEM* p) {
     }
 }
 
+// V consecutive values to p (aligned to V elements) in the storage type, rounded once.
+template <int V>
+__device__ __forceinline__ void store_vec(ELEM* p, const ACC (&x)[V]) {
+    if constexpr (V * sizeof(ELEM) == 8) {
+        ELEM e[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) store(e + j, x[j]);
+        *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(e);
+    } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) store(p + j, x[j]);
+    }
+}
+
 // Block: BLOCK_ROWS steps of one leading index (blockIdx.x = lead * row_blocks + tile); warp w
 // takes WARP_ROWS of them at once, its lanes VEC entries of each at a time along the row. With
 // ROW_SUM the lanes' partial sums meet by shuffles (a fixed order: deterministic).
 extern "C" __global__ void __launch_bounds__(ROW_THREADS)
-gate_grad_rows(const ELEM* __restrict__ a, const ELEM* __restrict__ b, const ELEM* __restrict__ c,
-               const ELEM* __restrict__ d, ACC* __restrict__ r, i64 T, int D, i64 n1, i64 n2, i64 row_blocks,
+gate_grad_rows(const ELEM* __restrict__ a, const GRAD* __restrict__ b, const ELEM* __restrict__ c,
+               const GRAD* __restrict__ d, ACC* __restrict__ r, ELEM* __restrict__ b_out, ELEM* __restrict__ d_out,
+               i64 T, int D, i64 n1, i64 n2, i64 row_blocks,
                i64 as0, i64 as1, i64 as2, i64 ats, i64 bs0, i64 bs1, i64 bs2, i64 bts, i64 cs0, i64 cs1, i64 cs2,
                i64 cts, i64 ds0, i64 ds1, i64 ds2, i64 dts) {
     const i64 sa[4] = {as0, as1, as2, ats}, sb[4] = {bs0, bs1, bs2, bts}, sc[4] = {cs0, cs1, cs2, cts},
@@ -79,6 +98,12 @@ gate_grad_rows(const ELEM* __restrict__ a, const ELEM* __restrict__ b, const ELE
             load_vec(x[1], row(b, sb, a0, a1, a2, t) + j);
             load_vec(x[2], row(c, sc, a0, a1, a2, t) + j);
             load_vec(x[3], row(d, sd, a0, a1, a2, t) + j);
+#if ROUND_B
+            store_vec(b_out + (l * T + t) * D + j, x[1]);
+#endif
+#if ROUND_D
+            store_vec(d_out + (l * T + t) * D + j, x[3]);
+#endif
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
                 const ACC v = x[0][e] * x[1][e] - x[2][e] * x[3][e];
@@ -106,7 +131,7 @@ gate_grad_rows(const ELEM* __restrict__ a, const ELEM* __restrict__ b, const ELE
 // then each thread walks its segment from its last step to its first, writing
 // dG_t = e + (what follows the segment) + (its steps from t on).
 extern "C" __global__ void __launch_bounds__(SUFFIX_THREADS)
-gate_grad_suffix(const ACC* __restrict__ r, const ACC* __restrict__ end, ELEM* __restrict__ out, i64 T, int W,
+gate_grad_suffix(const ACC* __restrict__ r, const ACC* __restrict__ end, GRAD* __restrict__ out, i64 T, int W,
                  i64 n1, i64 n2, i64 es0, i64 es1, i64 es2) {
     __shared__ double after[SUFFIX_THREADS];
     const int cols = W < 32 ? W : 32, S = SUFFIX_THREADS / cols;
@@ -133,7 +158,7 @@ gate_grad_suffix(const ACC* __restrict__ r, const ACC* __restrict__ end, ELEM* _
     const i64 a2 = l % n2, a1 = (l / n2) % n1, a0 = l / (n2 * n1);
     acc += (double)end[a0 * es0 + a1 * es1 + a2 * es2 + w];
 #endif
-    ELEM* o = out + l * T * W + w;
+    GRAD* o = out + l * T * W + w;
 #pragma unroll 4
     for (i64 t = stop - 1; t >= first; --t) {
         acc += (double)rows[t * W];

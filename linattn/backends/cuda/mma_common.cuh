@@ -46,6 +46,26 @@ __device__ __forceinline__ void split2(float x, float y, u32& hi, u32& lo) {
     lo = pack2(x - h.x, y - h.y);
 }
 
+// A warp's 16 accumulator rows of N 8-column tiles (d[t][0..1]: row gid, columns 8t + 2 tig, +1;
+// d[t][2..3]: row gid + 8), times `scale`, to float32 rows t0 + (0..15) of `out` (columns from
+// `col` of `cols`, the first at out) unrounded, 8 bytes per store: WIDE_O's outputs. Rows at or
+// past t_end are not written.
+template <int N>
+__device__ __forceinline__ void store_rows_float(const float (&d)[N][4], float scale, float* out, i64 stride,
+                                                 i64 t0, i64 t_end, int col, int cols) {
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int t = 0; t < N; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const i64 r = t0 + gid + 8 * h;
+            const int c = 8 * t + 2 * tig;
+            if (r < t_end && col + c < cols)
+                *reinterpret_cast<float2*>(out + r * stride + c) = make_float2(d[t][2 * h] * scale,
+                                                                               d[t][2 * h + 1] * scale);
+        }
+}
+
 // d += a b: a 16x16 tile of A (row-major fragments), a 16x8 tile of B (column fragments).
 __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPES ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "

@@ -17,7 +17,8 @@
 //
 // Compile-time parameters (-D): ELEM, ACC (and ACC_DOUBLE), KPT, KSPLIT, NC, VB, TC, VW and VWC
 // (elements per staging load of rows and of value columns), GK_MODE (0 none,
-// 1 one per step, 2 per key), HAS_GV, HAS_SIN, WRITE_O, and for the delta rule
+// 1 one per step, 2 per key), HAS_GV, HAS_SIN, WRITE_O, WIDE_O (the linear scan's outputs in
+// ACC, unrounded), and for the delta rule
 // DELTA (compile the delta rule instead of the linear scan), BETA_MODE (1 per step,
 // 2 per value column), HAS_G and WRITE_R (also write the residuals r_t = v_t - S~_t^T k_t,
 // float32 (n_lead, T, Dv), for the gradients in delta_grad.cu).
@@ -32,7 +33,7 @@
 
 extern "C" __global__ void __launch_bounds__(NT)
 linear_scan(const ELEM* q, const ELEM* k, const ELEM* v, const ELEM* gk, const ELEM* gv, const ACC* s_in,
-            ELEM* o, ACC* s_out, GEOMETRY_ARGS,
+            OUT_ELEM* o, ACC* s_out, GEOMETRY_ARGS,
             i64 gk0, i64 gk1, i64 gk2, i64 gkt, i64 gv0, i64 gv1, i64 gv2, i64 gvt) {
     __shared__ __align__(16) ACC sq[TC][KROW];
     __shared__ __align__(16) ACC sk[TC][KROW];

@@ -4,6 +4,17 @@
 
 #include "elem_common.cuh"
 
+// The outputs' type: with WIDE_O the accumulation type (a 16-bit scan's sums unrounded, for
+// gradients that sum them further), else the storage type.
+#ifndef WIDE_O
+#define WIDE_O 0
+#endif
+#if WIDE_O
+#define OUT_ELEM ACC
+#else
+#define OUT_ELEM ELEM
+#endif
+
 #define NT ((VB / NC) * KSPLIT)
 #define KSEG (KPT + 4)            // a lane's rows in shared memory, padded against bank conflicts
 #define KROW (KSPLIT * KSEG)
@@ -137,7 +148,7 @@ __device__ __forceinline__ void stage_cols(ACC (*sh)[VB], const ELEM* base, i64 
     const ELEM* qb = q + Lead{q0, q1, q2}.at(a0, a1, a2);                                             \
     const ELEM* kb = k + Lead{k0, k1, k2}.at(a0, a1, a2);                                             \
     const ELEM* vb = v + Lead{v0, v1, v2}.at(a0, a1, a2);                                             \
-    ELEM* ob = o + Lead{o0, o1, o2}.at(a0, a1, a2);                                                   \
+    OUT_ELEM* ob = o + Lead{o0, o1, o2}.at(a0, a1, a2);                                               \
     LOAD_STATE(blockIdx.z * sip)
 
 // The thread's state registers S[KPT][NC] from s_in (at the leading index's offset plus
