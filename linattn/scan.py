@@ -732,12 +732,14 @@ def causal_scan_vjp(
         # sum of its parts; each term is summed to g's shape on its own, since under GQA the
         # read term has a group axis that the written ones may lack. ``dtype``: the result's,
         # that of these terms with dx and dy rounded. ``targets``: for dx and dy, None or the
-        # (name, dtype) of the gradient returned, which the kernel may round as it reads it.
+        # (name, dtype) of the gradient returned, which the kernel may round as it reads it
+        # (to the dtype of x, y: asked only where that is the target, so it rounds once).
         last = None
         if dfinal_state is not None and T > 0:
             last = xp.sum(dfinal_state * final, axis=final_term_axis)  # (..., D), the term at T − 1
             dtype = xp.result_type(dtype, last)
-        wanted = [t is not None and x.dtype != t[1] for x, t in zip((read[1], written[1]), targets, strict=True)]
+        wanted = [t is not None and dx.dtype != t[1] and x.dtype == t[1]
+                  for x, dx, t in zip((read[0], written[0]), (read[1], written[1]), targets, strict=True)]
         fused = _fused_gate_gradient(xp, gate_kernel, g, *read, *written, last, *wanted)
         if fused is not None:
             result, *copies = fused
