@@ -13,6 +13,10 @@ it times the host; each row also gets ``gpu_ms``, the GPU time with the host hid
 calls queued behind a GPU sleep, :func:`gpu_ms`). Every scan runs with scale 1
 (FLA's ``scale=1.0``) so that all compute the same function. The floor is the time to
 read q, k, v once and write o once at the measured device-to-device copy bandwidth.
+Forward + backward (``--modes fwd+bwd``) runs for every op and dtype asked for (FLA's
+chunk kernels' own backward; float32 where FLA accepts it). Each row is printed as it is
+measured and records when (``at_s``, seconds from the start), so that a run stopped by
+its time limit still shows how far it got and how long FLA's autotuning took.
 
 FLA 0.6.0 refuses the backward of its gated chunk kernels (``chunk_simple_gla``,
 ``chunk_gated_delta_rule``) on Hopper with Triton 3.4-3.7.0, which it says may compute
@@ -135,7 +139,7 @@ def ours_fwd_bwd(op: str, x: dict[str, torch.Tensor]) -> Any:
             delta_scan(q, kn, v, beta, g=g, backend="cupy")
             return delta_scan_vjp(q, kn, v, beta, do, g=g, backend="cupy")
         return run_delta
-    gk = heads_first(x["g"])[0] if op == "simple_gla" else None
+    gk = heads_first(x["g"])[0] if op == "simple_gla" else heads_first(x["gk"])[0] if op == "gla" else None
 
     def run() -> Any:
         causal_scan(q, k, v, gk=gk, backend="cupy")
@@ -245,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
               "command": "PYTHONPATH=. python docs/scripts/gpu_peers.py " + " ".join(argv or sys.argv[1:])}
 
     def record(**row: Any) -> None:
+        row["at_s"] = round(time.perf_counter() - start, 1)  # when it was done, for planning runs
         rows.append(row)
+        print(row, flush=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
 
@@ -285,15 +291,14 @@ def main(argv: list[str] | None = None) -> int:
             if "linear" in args.ops and dname == "fp32":
                 timed("fla fused_recurrent", fla("linear", x, "fused_recurrent"), op="linear", mode="fwd", **common)
             timed("torch sdpa", sdpa(x), op="softmax", mode="fwd", **common)
-            for op in ("linear", "simple_gla", "delta", "gated_delta"):
-                if op in args.ops and dname in ("bf16", "fp32") and "fwd+bwd" in args.modes:
-                    timed("linattn", ours_fwd_bwd(op, x), op=op, mode="fwd+bwd", **common)
-                    timed("fla chunk", fla_fwd_bwd(op, x), op=op, mode="fwd+bwd", **common)
-                    if args.fla_guard_lifted and op in ("simple_gla", "gated_delta"):
-                        timed("fla chunk, guard lifted", fla_guard_lifted(fla_fwd_bwd(op, x)), op=op,
-                              mode="fwd+bwd", **common)
-                        if time.perf_counter() - start <= args.budget:
-                            compared("fla chunk, guard lifted", op, x, **common)
+            for op in args.ops if "fwd+bwd" in args.modes else ():
+                timed("linattn", ours_fwd_bwd(op, x), op=op, mode="fwd+bwd", **common)
+                timed("fla chunk", fla_fwd_bwd(op, x), op=op, mode="fwd+bwd", **common)
+                if args.fla_guard_lifted and op in ("simple_gla", "gated_delta"):
+                    timed("fla chunk, guard lifted", fla_guard_lifted(fla_fwd_bwd(op, x)), op=op,
+                          mode="fwd+bwd", **common)
+                    if time.perf_counter() - start <= args.budget:
+                        compared("fla chunk, guard lifted", op, x, **common)
             del x
             torch.cuda.empty_cache()
 
