@@ -227,11 +227,15 @@ def test_delta_warpgroup_plans_fit_and_fill_the_gpu(monkeypatch: pytest.MonkeyPa
     from linattn.backends import _cuda_delta_chunk as dc
 
     limit = 227 * 1024
-    for Dk, Dv, gated in itertools.product(range(8, 129, 8), range(8, 257, 8), (False, True)):
+    for Dk, Dv, gated in itertools.product(range(8, 257, 8), range(8, 257, 8), (False, True)):
         plans = dc._warpgroup_plans(Dk, Dv, gated, limit)
-        assert [p.groups for p in plans] == ([2, 1] if Dv > 64 else [1]), (Dk, Dv)
-        assert all(p.dkp == 64 * -(-Dk // 64) and p.shared_bytes <= limit for p in plans), (Dk, Dv)
-    assert dc._warpgroup_plans(136, 128, True, limit) == () and dc._warpgroup_plans(128, 12, True, limit) == ()
+        assert all(p.shared_bytes <= limit and dc._prepare_shared_bytes(16 * -(-Dk // 16)) <= limit for p in plans)
+        if Dk > 128:  # the two warpgroups split the keys (padded to 256) of 64 value columns
+            assert [(p.dkp, p.groups, p.key_split, p.columns) for p in plans] == [(256, 2, True, 64)], (Dk, Dv)
+        else:
+            assert [p.groups for p in plans] == ([2, 1] if Dv > 64 else [1]), (Dk, Dv)
+            assert all(p.dkp == 64 * -(-Dk // 64) and not p.key_split for p in plans), (Dk, Dv)
+    assert dc._warpgroup_plans(264, 128, True, limit) == () and dc._warpgroup_plans(128, 12, True, limit) == ()
     plans = dc._warpgroup_plans(128, 128, True, limit)
     # (n_lead, columns per block): (16, 2048, 16, 128), (1, 8192, 96, 128), (4, 2048, 16, 128), (2, 16384, 16, 128)
     for n_lead, columns in ((256, 128), (96, 128), (64, 64), (32, 64), (1, 64)):

@@ -1,8 +1,8 @@
 """Launcher for the delta rule on tensor cores in ``cuda/delta_chunk.cu``.
 
 It covers what the delta rule's kernels see most: float16 or bfloat16 data, one β per
-step, no gate or one log-gate per step (DeltaNet, Gated DeltaNet), Dk ≤ 128 and Dv
-multiples of 8, and operands whose rows start on 16 bytes. Anything else is declined
+step, no gate or one log-gate per step (DeltaNet, Gated DeltaNet), Dk ≤ 128 (≤ 256 on
+Hopper) and Dv multiples of 8, and operands whose rows start on 16 bytes. Anything else is declined
 (None) and :func:`linattn.backends._cuda_scan.delta_scan` runs its CUDA-core kernel.
 
 Two launches. ``delta_chunk_prepare`` runs every chunk of 64 steps at once: the WY/UT
@@ -12,8 +12,9 @@ value columns) through its chunks in order with the state in registers: the corr
 U = A (V − e^G ⊙ K S), the outputs, the update. A costs 4·64 bytes per step and leading
 index of k, written once and read once per tile of value columns. On Hopper GPUs
 (compute capability 9.0) the scan runs on warpgroup products (``cuda/delta_wgmma.cu``,
-tiles of 64 or 128 value columns); elsewhere ``delta_chunk_scan`` on mma.sync, whose
-tiles narrow to 16 columns where the leading indices are few.
+tiles of 64 or 128 value columns; past 128 keys two warpgroups split the keys of 64);
+elsewhere ``delta_chunk_scan`` on mma.sync, whose tiles narrow to 16 columns where the
+leading indices are few.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ ENABLED = True
 WGMMA = True
 
 _CHUNK = 64
-_MAX_DK = 128
+_MAX_DK = 128  # the mma.sync scan's
+_MAX_DK_WARPGROUP = 256
 _PREPARE_THREADS = 128
 
 
@@ -79,20 +81,26 @@ def _choose(plans: tuple[_ScanPlan, ...], n_lead: int, Dv: int, sms: int) -> _Sc
 
 @dataclass(frozen=True)
 class _WarpgroupPlan(_cuda_chunk._WarpgroupPlan):
-    """The warpgroup scan's tiling as the linear one's (keys padded to 64, warpgroups of 64 columns), its own memory."""
+    """The warpgroup scan's tiling as the linear one's, with its own shared memory.
+
+    Keys padded to 64, warpgroups of 64 value columns; past 128 keys (padded to 256) two
+    warpgroups that split the keys of 64 columns (``key_split``).
+    """
 
     @property
     def shared_bytes(self) -> int:
         """Swizzled 64 × 64 tiles (8 KB each, from 1 KB slack for their alignment), output staging, gates.
 
-        Tiles: two chunks of q and of k (``dkp / 64`` tiles each), of v (one per
-        warpgroup) and of A (hi, lo); per warpgroup four work tiles (the state's two parts,
-        or R, U and the decayed U). The gate tables (``gate_table_bytes``), and three
-        per-warp maxima.
+        Tiles: two chunks of k (``dkp / 64`` tiles each) and of q, v (one per 64 value
+        columns) and A (hi, lo); per warpgroup four work tiles (the state's two parts, or
+        R, U and the decayed U). At ``key_split`` one chunk of q and of A, and the staging
+        holds the second warpgroup's partial products (float32). The gate tables
+        (``gate_table_bytes``), and three per-warp maxima.
         """
-        blocks, warps = self.dkp // 64, 4 * self.groups
-        tiles = 4 * blocks + 2 * self.groups + 4 + 4 * self.groups
-        staging = warps * 16 * (64 + 8) * 2
+        blocks, warps, value_tiles = self.dkp // 64, 4 * self.groups, self.columns // 64
+        chunks = 1 if self.key_split else 2
+        tiles = (chunks + 2) * blocks + 2 * value_tiles + 2 * chunks + 4 * self.groups
+        staging = 4 * 16 * 64 * 4 if self.key_split else warps * 16 * (64 + 8) * 2
         return 1024 + 8192 * tiles + staging + _cuda_chunk.gate_table_bytes(warps) + 4 * 3 * warps
 
 
@@ -102,10 +110,18 @@ WG_GROUPS = (2, 1)
 
 
 def _warpgroup_plans(Dk: int, Dv: int, gated: bool, shared_limit: int) -> tuple[_WarpgroupPlan, ...]:
-    """The warpgroup scan's tilings for 16-bit data with these sizes, widest first (two warpgroups where Dv > 64)."""
-    if Dk > _MAX_DK or Dk % 8 or Dv % 8:
+    """The warpgroup scan's tilings for 16-bit data with these sizes, widest first.
+
+    Two warpgroups where Dv > 64, or past 128 keys (padded to 256) always two, which split
+    the keys.
+    """
+    if Dk > _MAX_DK_WARPGROUP or Dk % 8 or Dv % 8:
         return ()
-    plans = (_WarpgroupPlan(64 * math.ceil(Dk / 64), groups, gated) for groups in WG_GROUPS if groups == 1 or Dv > 64)
+    if Dk > 128:
+        plans: Any = (_WarpgroupPlan(_MAX_DK_WARPGROUP, 2, gated),)
+    else:
+        plans = (_WarpgroupPlan(64 * math.ceil(Dk / 64), groups, gated) for groups in WG_GROUPS
+                 if groups == 1 or Dv > 64)
     return tuple(plan for plan in plans if plan.shared_bytes <= shared_limit)
 
 
@@ -147,10 +163,9 @@ def chunked_delta_scan(call: cs.Call) -> tuple[Any, Any] | None:
     if not ENABLED or br.shape[-1] != 1 or (gr is not None and gr.shape[-1] != 1):
         return None
     T, Dk, Dv = qr.shape[-2], qr.shape[-1], vr.shape[-1]
-    plans = _scan_plans(call.dtype, Dk, Dv, _shared_limit(call.device))
     present = [r for r in call.refs if r is not None]
     lead = cs.broadcast_lead(tuple(r.shape for r in present)) if all(len(r.shape) >= 2 for r in present) else None
-    if not plans or T == 0 or lead is None or len(lead) > 3:
+    if call.dtype not in ("float16", "bfloat16") or T == 0 or lead is None or len(lead) > 3:
         return None
     qo, ko, vo, bo, go = (cs.operand(r) for r in (qr, kr, vr, br, gr))
     # Rows on 16 bytes (8 elements) for cp.async; β and g are read a value at a time.
@@ -160,33 +175,36 @@ def chunked_delta_scan(call: cs.Call) -> tuple[Any, Any] | None:
     lead3 = pad(lead)
     kv3 = pad(cs.broadcast_lead(tuple(r.shape for r in (kr, br, gr) if r is not None)))
     n_lead, n_kv = math.prod(lead3), math.prod(kv3)
-    plan = _choose(plans, n_lead, Dv, cs._sm_count(call.device))
-    n_chunks = math.ceil(T / _CHUNK)
     half, gated = int(call.dtype == "float16"), int(go is not None)
+    wg = warpgroup_plan(Dk, Dv, bool(gated), n_lead, call.device)
+    plans = _scan_plans(call.dtype, Dk, Dv, _shared_limit(call.device))
+    if wg is None and not plans:
+        return None
+    n_chunks = math.ceil(T / _CHUNK)
+    prepare_dkp = 16 * math.ceil(Dk / 16)
     run = call.launcher()
 
     # A and its scales, held (by these names) until both launches are queued.
     _a_hi, a_hi_ptr = call.empty((n_kv, n_chunks, _CHUNK, _CHUNK))
     _a_lo, a_lo_ptr = call.empty((n_kv, n_chunks, _CHUNK, _CHUNK))
     _a_scale, a_scale_ptr = call.empty((n_kv, n_chunks), "float32")
-    run("delta_chunk.cu", "delta_chunk_prepare", {"ELEM_HALF": half, "GATED": gated, "DKP": plan.dkp, "PREPARE": 1},
+    run("delta_chunk.cu", "delta_chunk_prepare", {"ELEM_HALF": half, "GATED": gated, "DKP": prepare_dkp, "PREPARE": 1},
         (n_chunks, n_kv, 1), _PREPARE_THREADS,
         [ko.ptr, bo.ptr, (go or ko).ptr, a_hi_ptr, a_lo_ptr, a_scale_ptr, T, Dk, kv3[1], kv3[2], *ko.strides,
          *bo.strides, *cs._strides(go)],
-        _prepare_shared_bytes(plan.dkp))
+        _prepare_shared_bytes(prepare_dkp))
 
     o, oo = call.output(lead, T, Dv)
     s_out, s_out_ptr = call.empty((n_lead, Dk, Dv), "float32")
     s_in, s_in_strides = cs.state_in(sr)
-    wg = warpgroup_plan(Dk, Dv, bool(gated), n_lead, call.device)
-    scan_plan: _ScanPlan | _WarpgroupPlan = wg or plan
+    scan_plan: _ScanPlan | _WarpgroupPlan = wg or _choose(plans, n_lead, Dv, cs._sm_count(call.device))
     col_blocks = math.ceil(Dv / scan_plan.columns)
     defines = {"ELEM_HALF": half, "GATED": gated, "DKP": scan_plan.dkp, "GROUPS": scan_plan.groups,
                "HAS_SIN": int(s_in != 0)}
     source, kernel = "delta_wgmma.cu", "delta_chunk_scan_wg"
-    if wg is None:
+    if isinstance(scan_plan, _ScanPlan):
         source, kernel = "delta_chunk.cu", "delta_chunk_scan"
-        defines |= {"VB": plan.vb, "WM": plan.wm}
+        defines |= {"VB": scan_plan.vb, "WM": scan_plan.wm}
     run(source, kernel, defines, (n_lead * col_blocks, 1, 1), scan_plan.threads,
         [qo.ptr, ko.ptr, vo.ptr, a_hi_ptr, a_lo_ptr, a_scale_ptr, (go or qo).ptr, s_in or s_out_ptr, oo.ptr,
          s_out_ptr, T, Dk, Dv, lead3[1], lead3[2], col_blocks, *qo.strides, *ko.strides, *vo.strides, *oo.strides,

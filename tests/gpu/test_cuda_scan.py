@@ -703,12 +703,74 @@ def test_delta_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: An
     assert delta_tensor_core_calls == [True] * 3
 
 
-@pytest.mark.usefixtures("delta_kernel")
-def test_delta_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, delta_tensor_core_calls: list[bool]) -> None:
+@pytest.fixture
+def hopper(cp: Any) -> None:
+    """Skips the test where the GPU has no warpgroup products (wgmma: Hopper, compute capability 9.0)."""
+    from linattn.backends import _cuda_launch as cl
+
+    if cl.compute_capability(cp.cuda.Device().id) != "90":
+        pytest.skip("warpgroup products (wgmma) need a Hopper GPU (compute capability 9.0)")
+
+
+# Past 128 keys (padded to 256) the warpgroup scan alone covers the delta rule: its two
+# warpgroups split the keys of 64 value columns. Dv = 72: a second, partial tile of columns.
+DELTA_KEY_SPLIT_DIMS = ((136, 64), (200, 72), (256, 32), (256, 128), (256, 256))
+
+
+@st.composite
+def delta_key_split_problems(draw: Any) -> dict[str, Any]:
+    """``delta_tensor_core_problems`` with 128 < Dk <= 256."""
+    Dk, Dv = draw(st.sampled_from(DELTA_KEY_SPLIT_DIMS))
+    return {**draw(delta_tensor_core_problems()), "Dk": Dk, "Dv": Dv}
+
+
+@pytest.mark.usefixtures("nan_memory", "hopper")
+@GPU_SETTINGS
+@given(delta_key_split_problems(), st.integers(1, 2))
+def test_delta_key_split_kernel_matches_the_reference(cp: Any, delta_tensor_core_calls: list[bool],
+                                                      launched_kernels: list[str], problem: dict[str, Any],
+                                                      groups: int) -> None:
+    """delta_wgmma.cu at Dk > 128 (the warpgroups' partial K S and outputs summed through shared memory) against
+    the loop, as the test above; the tolerance is the same (n = T·Dk terms per output)."""
+    host = _delta_inputs(problem, groups)
+    o_ref, s_ref = delta_scan(**host, form="recurrent")
+    delta_tensor_core_calls.clear()
+    launched_kernels.clear()
+    o, s = delta_scan(**to_device(cp, host, "float16"), backend="cupy")
+    assert delta_tensor_core_calls == [True]
+    assert launched_kernels[-1] == "delta_chunk_scan_wg", launched_kernels
+    n = problem["T"] * problem["Dk"]
+    _check(o, o_ref, "float16", n, f"outputs of {problem}, groups={groups}")
+    _check(s, s_ref, "float32", n, f"final state of {problem}, groups={groups}")
+
+
+@pytest.mark.usefixtures("nan_memory", "hopper")
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_key_split_kernel_is_deterministic_and_prefix_invariant(cp: Any, delta_tensor_core_calls: list[bool],
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      gated: bool) -> None:
+    """Dk = 256, T = 2500 (40 chunks): as the test of the narrower tilings; the mma.sync scan declines Dk = 256."""
+    from linattn.backends import _cuda_delta_chunk
+
+    problem = {"lead": (2, 1), "T": 2500, "Dk": 256, "Dv": 128, "beta": "step", "gated": gated, "regime": "mild",
+               "initial": True, "dtype": "float16", "seed": 29}
+    host = _delta_inputs(problem)
+    if gated:
+        host["g"] = host["g"] / 64  # a slow decay, so that early steps still matter at the end
+    dev = to_device(cp, host, "float16")
+    _check_long_run(cp, delta_scan, host, dev, 1234, bitwise_prefix=False)  # not bitwise: as the test above
+    assert delta_tensor_core_calls == [True] * 3
+    monkeypatch.setattr(_cuda_delta_chunk, "WGMMA", False)
+    delta_scan(**{n: x if x is None else x[..., :100, :] for n, x in dev.items() if n != "initial_state"},
+               backend="cupy")
+    assert delta_tensor_core_calls == [True] * 3 + [False]
+
+
+def _check_bfloat16_torch_delta(cp: Any, calls: list[bool], D: int) -> None:
     """PyTorch bfloat16 (B, T, H, D) data as (B, H, T, D) views, GQA by broadcasting: no float32 copy in or out."""
     torch = torch_with_cuda()
     rng = np.random.default_rng(24)
-    B, T, H, G, D = 2, 333, 2, 2, 128
+    B, T, H, G = 2, 333, 2, 2
     k = rng.standard_normal((B, T, H, D))
     host = {"q": rng.standard_normal((B, T, H, G, D)) / np.sqrt(D), "k": k / np.linalg.norm(k, axis=-1, keepdims=True),
             "v": rng.standard_normal((B, T, H, D)), "beta": rng.uniform(0, 1, (B, T, H)),
@@ -723,12 +785,22 @@ def test_delta_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, delta_te
                 "beta": heads_first(a["beta"][..., None]), "g": heads_first(a["g"][..., None])}
 
     o, s = delta_scan(**operands(tensors), backend="cupy")
-    assert delta_tensor_core_calls == [True]
+    assert calls == [True]
     assert isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16 and s.dtype == torch.float32
     rounded = {n: x.cpu().numpy() for n, x in operands({n: t.double() for n, t in tensors.items()}).items()}
     want, want_s = delta_scan(**rounded, form="recurrent")
-    _check(o.double().cpu().numpy(), want, "bfloat16", T * D, "bf16 outputs")
-    _check(s.double().cpu().numpy(), want_s, "float32", T * D, "bf16 run's final state")
+    _check(o.double().cpu().numpy(), want, "bfloat16", T * D, f"bf16 outputs, D = {D}")
+    _check(s.double().cpu().numpy(), want_s, "float32", T * D, f"bf16 run's final state, D = {D}")
+
+
+@pytest.mark.usefixtures("delta_kernel")
+def test_delta_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, delta_tensor_core_calls: list[bool]) -> None:
+    _check_bfloat16_torch_delta(cp, delta_tensor_core_calls, 128)
+
+
+@pytest.mark.usefixtures("nan_memory", "hopper")
+def test_delta_key_split_kernel_reads_bfloat16_torch_tensors(cp: Any, delta_tensor_core_calls: list[bool]) -> None:
+    _check_bfloat16_torch_delta(cp, delta_tensor_core_calls, 256)
 
 
 # (Dk, Dv) pairs the per-key-gated tensor-core kernels cover (Dk <= 128; 40 pads to 48 keys).
