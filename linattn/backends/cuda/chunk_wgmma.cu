@@ -363,12 +363,7 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
         // bfloat16's time here, where bfloat16's scale is the constant 1).
         const float unscale = 1.f / score_scale;
         float* slot = reinterpret_cast<float*>(so) + gw * 16 * 64;  // warp gw's rows, both groups
-        if (group == 1) {
-#pragma unroll
-            for (int t = 0; t < 8; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) slot[(4 * t + e) * 32 + lane] = O[t][e] * unscale;
-        }
+        if (group == 1) put_partial(slot, O, unscale);
 #elif WIDE_O
         store_rows_float(O, 1.f / score_scale, ob, ots, t_begin + (i64)n * CH + 16 * gw, t_end, cg, Dv);
 #else
@@ -385,10 +380,7 @@ chunk_linear_scan_wg(LINEAR_CHUNK_PARAMS) {
         __syncthreads();  // every warp is done with the shared state and chunk n's gates
 #if WRITE_O && KSPLIT
         if (group == 0) {  // o = O_0 + O_1, staged in the slot just read
-#pragma unroll
-            for (int t = 0; t < 8; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) O[t][e] = O[t][e] * unscale + slot[(4 * t + e) * 32 + lane];
+            add_partial(O, unscale, slot);
             __syncwarp();
 #if WIDE_O
             store_rows_float(O, 1.f, ob, ots, t_begin + (i64)n * CH + 16 * gw, t_end, cg, Dv);

@@ -332,22 +332,14 @@ delta_chunk_scan_wg(DELTA_CHUNK_PARAMS) {
         // (KSPLIT: by warpgroup 0, with warpgroup 1's K S added, once every warp of the block is).
         float r_scale = 1.f;
 #if KSPLIT
-        if (group == 1) {
-#pragma unroll
-            for (int t = 0; t < 8; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) slot[(4 * t + e) * 32 + lane] = X[t][e];
-        }
+        if (group == 1) put_partial(slot, X, 1.f);
         __syncthreads();  // warpgroup 1's K S is in shared memory; both groups are done with their states and q
         if (n + 1 < n_chunks) {
             load_q(n + 1);
             copy_commit();
         }
         if (group == 0) {
-#pragma unroll
-            for (int t = 0; t < 8; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) X[t][e] += slot[(4 * t + e) * 32 + lane];
+            add_partial(X, 1.f, slot);
 #else
         {
 #endif
@@ -508,12 +500,7 @@ delta_chunk_scan_wg(DELTA_CHUNK_PARAMS) {
         // Unscaled by multiplying: both scales are powers of two with normal reciprocals (see chunk_wgmma.cu).
         const float unscale = 1.f / (score_scale * u_scale);
 #if KSPLIT
-        if (group == 1) {
-#pragma unroll
-            for (int t = 0; t < 8; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) slot[(4 * t + e) * 32 + lane] = O[t][e] * unscale;
-        }
+        if (group == 1) put_partial(slot, O, unscale);
 #else
         store_rows(O, unscale, so + warp * 16 * OS, OS, st_row - 16 * gw, st_col, ob, ots, (i64)n * CH + 16 * gw,
                    T, cg, Dv);
@@ -527,10 +514,7 @@ delta_chunk_scan_wg(DELTA_CHUNK_PARAMS) {
         __syncthreads();  // every warp is done with the work tiles and chunk n's gates
 #if KSPLIT
         if (group == 0) {  // o = O_0 + O_1, staged in the slot just read
-#pragma unroll
-            for (int t = 0; t < 8; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) O[t][e] = O[t][e] * unscale + slot[(4 * t + e) * 32 + lane];
+            add_partial(O, unscale, slot);
             __syncwarp();
             store_rows(O, 1.f, reinterpret_cast<ELEM*>(slot), OS, st_row - 16 * gw, st_col, ob, ots,
                        (i64)n * CH + 16 * gw, T, cg, Dv);

@@ -49,6 +49,25 @@ __device__ __forceinline__ void stsm(u32 address, const u32 (&r)[4]) {
 }
 __device__ __forceinline__ void stsm(ELEM* p, const u32 (&r)[4]) { stsm(shared_address(p), r); }
 
+// The two warpgroups that split the keys (KSPLIT) add their partial 64 x 64 results through a
+// float32 slot of 16 x 64 per warp, in accumulator order (element (t, e) of lane l at
+// (4 t + e) 32 + l: 32 consecutive words per store, no bank conflicts): one warpgroup's warp
+// puts its rows times `scale`, the other's warp with the same rows adds them to its own times `scale`.
+__device__ __forceinline__ void put_partial(float* slot, const float (&d)[8][4], float scale) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) slot[(4 * t + e) * 32 + lane] = d[t][e] * scale;
+}
+__device__ __forceinline__ void add_partial(float (&d)[8][4], float scale, const float* slot) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) d[t][e] = d[t][e] * scale + slot[(4 * t + e) * 32 + lane];
+}
+
 // A warp's 16 rows of a 64-column tile in accumulator layout (d[t][e]: row gid + 8 (e / 2),
 // column 8t + 2 tig + e % 2) times `scale`, written in the storage type to rows t0 .. t0 + 15 of
 // `out` (row stride `stride`, those below t_end), columns col .. col + 63 (those below `cols`):
