@@ -118,10 +118,10 @@ def _warpgroup_plans(Dk: int, Dv: int, gated: bool, shared_limit: int) -> tuple[
     if Dk > _MAX_DK_WARPGROUP or Dk % 8 or Dv % 8:
         return ()
     if Dk > 128:
-        plans: Any = (_WarpgroupPlan(_MAX_DK_WARPGROUP, 2, gated),)
+        plans = [_WarpgroupPlan(_MAX_DK_WARPGROUP, 2, gated)]
     else:
-        plans = (_WarpgroupPlan(64 * math.ceil(Dk / 64), groups, gated) for groups in WG_GROUPS
-                 if groups == 1 or Dv > 64)
+        plans = [_WarpgroupPlan(64 * math.ceil(Dk / 64), groups, gated) for groups in WG_GROUPS
+                 if groups == 1 or Dv > 64]
     return tuple(plan for plan in plans if plan.shared_bytes <= shared_limit)
 
 

@@ -27,7 +27,8 @@
 // stay in float16's range; A's scale, one per chunk, is stored with it.
 //
 // Compile-time parameters (-D): ELEM_HALF (float16, else bfloat16), DKP (keys padded to a
-// multiple of 16, at most 128), GATED (a log-gate per step); delta_chunk_scan also: VB
+// multiple of 16, at most 128 for delta_chunk_scan and 256 for delta_chunk_prepare, which also
+// serves delta_wgmma.cu's key-split scan), GATED (a log-gate per step); delta_chunk_scan also: VB
 // (value columns per group of four warps), GROUPS, WM (warps along the state's rows in
 // the update), HAS_SIN; delta_chunk_prepare: PREPARE.
 //
