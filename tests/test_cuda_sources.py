@@ -164,6 +164,22 @@ def test_tensor_core_plans_fit_and_cover_the_columns(module: str) -> None:
         assert [p.columns for p in plans] == sorted((p.columns for p in plans), reverse=True)
 
 
+def test_gla_key_parts_cover_the_keys_in_launches_the_kernels_hold() -> None:
+    """Up to 128 keys one part; to 256 two parts whose padded keys each fit the kernels (and have plans), the second
+    starting on a multiple of 8 keys (rows on 16 bytes), splitting the keys as evenly as that allows; past 256 none."""
+    from linattn.backends import _cuda_gla_chunk as gc
+
+    for Dk in range(1, 129):
+        assert gc.key_parts(Dk) == ((0, Dk),)
+    for Dk in range(129, 257):
+        (first, a), (second, b) = gc.key_parts(Dk)
+        assert first == 0 and second == a and a + b == Dk and a % 8 == 0 and 0 <= a - b < 16, Dk
+        assert 16 * -(-a // 16) <= 128, Dk
+        if Dk % 8 == 0:
+            assert all(gc._scan_plans("bfloat16", keys, 64, 227 * 1024) for keys in (a, b)), Dk
+    assert gc.key_parts(257) == () and gc.key_parts(512) == ()
+
+
 def test_gla_plans_form_the_decays_over_whole_steps() -> None:
     """The scan's threads per pair of keys divide the chunk's 64 steps and fit the block with every pair."""
     from linattn.backends import _cuda_gla_chunk as gc

@@ -285,20 +285,22 @@ def final_state(s_out: Any, lead3: tuple[int, ...], state_lead: tuple[int, ...],
 
 def join_segments(call: Call, run: Callable[..., None], local: int, gates: list[tuple[Operand | None, int]],
                   lead3: tuple[int, int, int], T: int, Dk: int, Dv: int, P: int, L: int,
-                  formed: list[int] | None = None) -> tuple[Any, Any, int]:
+                  formed: list[int] | None = None, initial: tuple[int, list[int]] | None = None
+                  ) -> tuple[Any, Any, int]:
     """The states entering P segments of L steps, and the state after the last (``cuda/segments.cu``).
 
     ``local`` addresses each segment's own final state (n_lead, P, Dk, Dv) in the
     accumulation dtype; ``gates`` are (operand, width) of the per-key and per-value
     log-gates (width 1: one per step; operand None: no gate). ``formed``, where given,
     addresses each gate's sums over the segments (n_lead, P, width) in the accumulation
-    dtype where the first pass formed them (0: they are formed here). Returns
+    dtype where the first pass formed them (0: they are formed here). ``initial``: the
+    initial state's address and strides (``state_in``) where not the call's own. Returns
     ``(entering, last, entering's address)``.
     """
     acc, n_lead = call.accumulation, math.prod(lead3)
     (gk, gk_width), (gv, _) = gates
     gk_mode = 0 if gk is None else (1 if gk_width == 1 else 2)
-    s0, s0_strides = state_in(call.refs[-1])
+    s0, s0_strides = initial or state_in(call.refs[-1])
     defines = {"ELEM": C_TYPES[call.dtype], "ACC": "double" if acc == "float64" else "float", "GK_MODE": gk_mode,
                "HAS_GV": int(gv is not None), "HAS_SIN": int(s0 != 0)}
     sums = []

@@ -850,11 +850,44 @@ def test_gla_tensor_core_kernels_match_the_reference(cp: Any, gla_tensor_core_ca
     _check(s, s_ref, "float32", n, f"final state of {problem}, widest={widest}")
 
 
+# Past 128 keys the launcher runs both kernels over two parts of the keys: 136 = 72 + 64,
+# 200 = 104 + 96 (Dv = 72: a partial tile of columns), 256 = 128 + 128.
+GLA_KEY_SPLIT_DIMS = ((136, 64), (200, 72), (256, 128), (256, 256))
+
+
+@st.composite
+def gla_key_split_problems(draw: Any) -> dict[str, Any]:
+    """``gla_tensor_core_problems`` with 128 < Dk <= 256."""
+    Dk, Dv = draw(st.sampled_from(GLA_KEY_SPLIT_DIMS))
+    return {**draw(gla_tensor_core_problems()), "Dk": Dk, "Dv": Dv}
+
+
 @pytest.mark.usefixtures("nan_memory")
-def test_gla_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: Any,
-                                                                       gla_tensor_core_calls: list[bool]) -> None:
-    """T = 2500 (40 chunks): the reference, two runs bitwise equal, a prefix run against the long run."""
-    p = {"lead_q": (2, 2, 1), "lead_kv": (2, 2, 1), "T": 2500, "Dk": 128, "Dv": 128, "gates": "key",
+@GPU_SETTINGS
+@given(gla_key_split_problems())
+def test_gla_key_split_kernels_match_the_reference(cp: Any, gla_tensor_core_calls: list[bool],
+                                                   launched_kernels: list[str], problem: dict[str, Any]) -> None:
+    """Dk > 128: P and the scan once for each part of the keys, the second part's outputs added to the first's
+    (float32) before their one rounding; the state's rows are the parts'. The tolerance as above (n = T·Dk)."""
+    host = linear_inputs(problem)
+    o_ref, s_ref = causal_scan(**host, form="recurrent")
+    gla_tensor_core_calls.clear()
+    launched_kernels.clear()
+    o, s = causal_scan(**to_device(cp, host, "float16"), backend="cupy")
+    assert gla_tensor_core_calls == [True]
+    assert launched_kernels == ["gla_chunk_prepare", "gla_chunk_scan"] * 2, launched_kernels
+    n = problem["T"] * problem["Dk"]
+    _check(o, o_ref, "float16", n, f"outputs of {problem}")
+    _check(s, s_ref, "float32", n, f"final state of {problem}")
+
+
+@pytest.mark.usefixtures("nan_memory")
+@pytest.mark.parametrize("Dk", [128, 256])
+def test_gla_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: Any, gla_tensor_core_calls: list[bool],
+                                                                       Dk: int) -> None:
+    """T = 2500 (40 chunks): the reference, two runs bitwise equal, a prefix run against the long run; at Dk = 256
+    the kernels run over two parts of the keys (the second adding the first's float32 outputs)."""
+    p = {"lead_q": (2, 2, 1), "lead_kv": (2, 2, 1), "T": 2500, "Dk": Dk, "Dv": 128, "gates": "key",
          "regime": "mild", "initial": True, "dtype": "float16", "seed": 25}
     host = linear_inputs(p)
     host["gk"] = host["gk"] / 64  # a slow decay, so that early steps still matter at the end
@@ -864,12 +897,14 @@ def test_gla_tensor_core_kernels_are_deterministic_and_prefix_invariant(cp: Any,
 
 
 @pytest.mark.usefixtures("nan_memory")
-@pytest.mark.parametrize("widest", [True, False])
-@pytest.mark.parametrize("regime", ["slow", "zero", "extreme", "mixed"])
+@pytest.mark.parametrize(("regime", "widest", "Dk"), [
+    *((regime, widest, 128) for regime in ("slow", "zero", "extreme", "mixed") for widest in (True, False)),
+    ("slow", False, 256), ("mixed", True, 256)])
 def test_gla_tensor_core_time_segments_match_the_reference(cp: Any, gla_tensor_core_calls: list[bool], regime: str,
-                                                           widest: bool) -> None:
+                                                           widest: bool, Dk: int) -> None:
     """Few leading indices and T = 5001: the three passes (each segment's own state and log-decays per key, the
     join, the outputs), with the widest tiling or the launcher's; GQA, an initial state; two runs bitwise equal.
+    At Dk = 256 each part of the keys takes the three passes from its rows of the initial state.
 
     "slow": mild gates / 64, so each segment's entering state still matters at its end;
     "zero": g = 0, so the join carries every state whole (each segment's decay is e^0);
@@ -877,7 +912,7 @@ def test_gla_tensor_core_time_segments_match_the_reference(cp: Any, gla_tensor_c
     """
     from linattn.backends import _cuda_gla_chunk, _cuda_scan
 
-    p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 5001, "Dk": 128, "Dv": 128, "gates": "key",
+    p = {"lead_q": (1, 2, 2), "lead_kv": (1, 2, 1), "T": 5001, "Dk": Dk, "Dv": 128, "gates": "key",
          "regime": "mild" if regime in ("slow", "zero") else regime, "initial": True, "dtype": "float16", "seed": 27}
     host = linear_inputs(p)
     host["gk"] = host["gk"] / 64 if regime == "slow" else (0 * host["gk"] if regime == "zero" else host["gk"])
@@ -885,9 +920,10 @@ def test_gla_tensor_core_time_segments_match_the_reference(cp: Any, gla_tensor_c
     _cuda_gla_chunk._FILL = 0.0 if widest else fill
     try:
         device = cp.cuda.Device().id
-        plans = _cuda_gla_chunk._scan_plans("float16", 128, 128, _cuda_gla_chunk._shared_limit(device))
-        _, segments, _ = _cuda_gla_chunk.choose_tiling(plans, 4, 128, 5001, _cuda_scan._sm_count(device))
-        assert segments > 1  # the three passes
+        for _, keys in _cuda_gla_chunk.key_parts(Dk):
+            plans = _cuda_gla_chunk._scan_plans("float16", keys, 128, _cuda_gla_chunk._shared_limit(device))
+            _, segments, _ = _cuda_gla_chunk.choose_tiling(plans, 4, 128, 5001, _cuda_scan._sm_count(device))
+            assert segments > 1  # the three passes
         dev = to_device(cp, host, "float16")
         first, second = (causal_scan(**dev, backend="cupy") for _ in range(2))
     finally:
@@ -895,15 +931,17 @@ def test_gla_tensor_core_time_segments_match_the_reference(cp: Any, gla_tensor_c
     assert gla_tensor_core_calls == [True, True]
     assert bool(cp.all(first[0] == second[0])) and bool(cp.all(first[1] == second[1]))
     o_ref, s_ref = causal_scan(**host)
-    _check(first[0], o_ref, "float16", 5001 * 128, f"outputs ({regime}, widest={widest})")
-    _check(first[1], s_ref, "float32", 5001 * 128, f"final state ({regime}, widest={widest})")
+    _check(first[0], o_ref, "float16", 5001 * Dk, f"outputs ({regime}, widest={widest}, Dk={Dk})")
+    _check(first[1], s_ref, "float32", 5001 * Dk, f"final state ({regime}, widest={widest}, Dk={Dk})")
 
 
-def test_gla_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, gla_tensor_core_calls: list[bool]) -> None:
+@pytest.mark.parametrize("D", [128, 256])
+def test_gla_tensor_core_kernels_read_bfloat16_torch_tensors(cp: Any, gla_tensor_core_calls: list[bool],
+                                                             D: int) -> None:
     """PyTorch bfloat16 (B, T, H, D) data, as flash-linear-attention lays it out, read as (B, H, T, D) views."""
     torch = torch_with_cuda()
     rng = np.random.default_rng(26)
-    B, T, H, D = 2, 333, 3, 128
+    B, T, H = 2, 333, 3
     host = {"q": rng.standard_normal((B, T, H, D)) / np.sqrt(D), "k": rng.standard_normal((B, T, H, D)),
             "v": rng.standard_normal((B, T, H, D)), "gk": np.log(rng.uniform(0.9, 1.0, (B, T, H, D)))}
     tensors = {n: torch.tensor(x, dtype=torch.bfloat16, device="cuda") for n, x in host.items()}

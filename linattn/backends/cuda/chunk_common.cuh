@@ -74,6 +74,8 @@ __device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
                  :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
 
+// Brings the 128-byte line holding p into L2 (no registers, nothing to wait for).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 __device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 // Every group but the last committed (which may still be in flight).

@@ -45,17 +45,26 @@
 // stored with it) and the state are scaled by powers of two so that both parts stay in
 // range; the decayed queries and keys are no larger than the stored ones.
 //
+// Past 128 keys the launcher splits the keys in two parts and runs both kernels for each:
+// the recurrence decays each key's row of the state on its own, so the state's rows fall
+// apart by key, S = [S_0; S_1], and so do the outputs, o = o_0 + o_1, each part's o with
+// its own P (the sum over its keys). The first part's scan writes o_0 in float32 (O_PART 1),
+// the second adds its own to it and rounds once (O_PART 2).
+//
 // Compile-time parameters (-D): ELEM_HALF (float16, else bfloat16), DKP (keys padded to a
 // multiple of 16, at most 128); gla_chunk_scan also: VB (value columns per group of four
 // warps), GROUPS, WM (warps along the state's rows in the update), HAS_SIN, TIME_SEGMENTS
 // (0: one pass over all of T), WRITE_O, SEGS (threads per pair of keys for the decays, a
-// power of two, SEGS x DKP / 2 <= the block's threads);
+// power of two, SEGS x DKP / 2 <= the block's threads), O_PART (0: the outputs; 1: the
+// first key part's outputs into o_part, float32; 2: the outputs with o_part added);
 // gla_chunk_prepare: PREPARE.
 //
 // Strides are in elements; the last axis of every operand is contiguous, every row starts
 // on 16 bytes, and Dk, Dv are multiples of 8 (the launcher checks). A time stride may be
 // negative (a reversed view); a leading stride of 0 broadcasts. P (two parts) is (leading
-// index, chunk, C, C), C-contiguous.
+// index, chunk, C, C), C-contiguous; o_part (leading index, step, Dv), C-contiguous and
+// indexed by the kernel's steps; the exit states s_out + (leading index, time segment)
+// s_lead + (key, Dv) (s_lead = Dk Dv, or the whole state's rows times Dv for a key part).
 
 #define CH 64
 #define QKS (DKP + 8)   // shared-memory row stride of the q, k and g tiles (+16 bytes against bank conflicts)
@@ -339,6 +348,12 @@ gla_chunk_prepare(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const 
 #define NT (VB / 8 / WN)       // state column tiles (8) per warp
 #define ONT (VB / 8)           // output column tiles per warp
 
+#ifndef O_PART
+#define O_PART 0
+#endif
+
+#define PART_LINES ((VBB + 31) / 32)  // 128-byte lines of a row of the block's float32 first-part outputs
+
 #define OUT_ROWS (WRITE_O ? CH : 0)    // the tiles only the outputs need (q, its decayed parts, P, the shared
 #define OUT_KEYS (WRITE_O ? DKP : 0)   // state) take no shared memory in the first pass
 
@@ -346,7 +361,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELEM* __restrict__ v,
                const ELEM* __restrict__ g, const ELEM* __restrict__ p_hi, const ELEM* __restrict__ p_lo,
                const float* __restrict__ p_scale, const float* __restrict__ s_in, ELEM* __restrict__ o,
-               float* __restrict__ s_out, i64 T, int Dk, int Dv, i64 n1, i64 n2, int col_blocks,
+               float* __restrict__ s_out, float* __restrict__ o_part, i64 s_lead, i64 T, int Dk, int Dv,
+               i64 n1, i64 n2, int col_blocks,
                i64 qs0, i64 qs1, i64 qs2, i64 qts, i64 ks0, i64 ks1, i64 ks2, i64 kts,
                i64 vs0, i64 vs1, i64 vs2, i64 vts, i64 os0, i64 os1, i64 os2, i64 ots,
                i64 gs0, i64 gs1, i64 gs2, i64 gts, i64 ss0, i64 ss1, i64 ss2, i64 sseg, i64 srow, i64 scol,
@@ -393,6 +409,7 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
     [[maybe_unused]] const ELEM* plb = p_lo + p_at;
     [[maybe_unused]] const float* psb = p_scale + p_at / (CH * CH);
     [[maybe_unused]] ELEM* ob = o + la * os0 + lb * os1 + lc * os2 + c0 + cg + 2 * tig;
+    [[maybe_unused]] float* opb = o_part + lead * T * Dv + c0 + cg + 2 * tig;
 
     // This warp's tile of the state: rows d_base + [0, 16 MT), columns c_base + [0, 8 NT).
     const int d_base = (gw % WM) * MT * 16, c_base = cg + (gw / WM) * NT * 8;
@@ -435,6 +452,17 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
         copy_commit();
     };
 
+    // The first key part's outputs of chunk n's steps and the block's columns into L2, a 128-byte line each,
+    // while the second part forms the chunk's decays (a chunk earlier was slower in float16: stop 28).
+    [[maybe_unused]] auto prefetch_part = [&](int n) {
+        const i64 t0 = t_begin + (i64)n * CH;
+        for (int i = threadIdx.x; i < CH * PART_LINES; i += NTHREADS) {
+            const i64 t = t0 + i / PART_LINES;
+            const int c = c0 + (i % PART_LINES) * 32;
+            if (t < t_end && c < Dv) prefetch_l2(o_part + (lead * T + t) * Dv + c);
+        }
+    };
+
     [[maybe_unused]] float state_scale = 1.f;  // the shared state holds S * state_scale
     load_gates(0);
     load_values(0);
@@ -456,6 +484,9 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
         [[maybe_unused]] const i64 t0 = t_begin + (i64)n * CH;
         copy_wait_but_last();
         __syncthreads();  // chunk n's q, k and g are in shared memory, and so is the state entering it
+#if WRITE_O && O_PART == 2
+        prefetch_part(n);
+#endif
 
         // q ⊙ e^{G} and k ⊙ e^{G_C - G} in two parts; e^{G_C}. The decays are products of the
         // steps' factors a_t = e^{g_t}: e^{G_i} = a_0 ... a_i forward, e^{G_C - G_j} = a_{j+1} ... a_{C-1}
@@ -533,12 +564,25 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
         if (n + 1 < n_chunks) load_gates(n + 1);
 
 #if WRITE_O
-        // O = (q ⊙ e^{G}) (S s): this warp's 16 rows, three products of two parts each.
+        // O = (q ⊙ e^{G}) (S s): this warp's 16 rows, three products of two parts each. The second part of
+        // the keys starts O from the first part's outputs, in the products' units (times s, a power of
+        // two): its loads are all issued here, waited for once, and found in L2 (prefetched at the chunk's start).
         float O[ONT][4];
 #pragma unroll
-        for (int t = 0; t < ONT; ++t)
+        for (int tt = 0; tt < ONT; ++tt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) O[t][e] = 0.f;
+            for (int h = 0; h < 2; ++h) {
+                float2 x = make_float2(0.f, 0.f);
+#if O_PART == 2
+                const i64 t = t0 + row0 + gid + h * 8;
+                if (t < t_end && c0 + cg + tt * 8 + 2 * tig < Dv) {
+                    x = *reinterpret_cast<const float2*>(opb + t * Dv + tt * 8);
+                    x = make_float2(x.x * state_scale, x.y * state_scale);
+                }
+#endif
+                O[tt][2 * h] = x.x;
+                O[tt][2 * h + 1] = x.y;
+            }
 #pragma unroll
         for (int kk = 0; kk < DKP / 16; ++kk) {
             u32 ah[4], al[4];
@@ -582,10 +626,14 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
                 const i64 t = t0 + row0 + gid + h * 8;
                 if (t >= t_end) continue;
 #pragma unroll
-                for (int tt = 0; tt < ONT; ++tt)
-                    if (c0 + cg + tt * 8 + 2 * tig < Dv)
-                        *reinterpret_cast<u32*>(ob + t * ots + tt * 8) =
-                            pack2(O[tt][2 * h] * unscale, O[tt][2 * h + 1] * unscale);
+                for (int tt = 0; tt < ONT; ++tt) {
+                    if (c0 + cg + tt * 8 + 2 * tig >= Dv) continue;
+                    const float x = O[tt][2 * h] * unscale, y = O[tt][2 * h + 1] * unscale;
+                    if (O_PART == 1)
+                        *reinterpret_cast<float2*>(opb + t * Dv + tt * 8) = make_float2(x, y);
+                    else
+                        *reinterpret_cast<u32*>(ob + t * ots + tt * 8) = pack2(x, y);
+                }
             }
         }
 #endif  // WRITE_O
@@ -630,10 +678,10 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
         }
     }
 
-    // The exit state: s_out[lead][time segment][Dk][Dv]; (first pass) the time segment's log-decays,
-    // g_sum[lead][time segment][Dk].
+    // The exit state: s_out + (lead, time segment) s_lead + [Dk][Dv]; (first pass) the time segment's
+    // log-decays, g_sum[lead][time segment][Dk].
     const i64 at = TIME_SEGMENTS ? lead * gridDim.y + segment : lead;
-    store_state(S, s_out + at * Dk * (i64)Dv, d_base, c0 + c_base, Dk, Dv);
+    store_state(S, s_out + at * s_lead, d_base, c0 + c_base, Dk, Dv);
 #if !WRITE_O
     if (gate_thread && seg == 0 && c0 == 0 && key < Dk) {
         g_sum[at * Dk + key] = (float)log_decay0;
