@@ -181,10 +181,7 @@ def chunked_gla_scan(call: cs.Call) -> tuple[Any, Any] | None:
         last = _scan_keys(call, part_plans, part, (qo, ko, vo, go), _key_rows(sr, first, keys), (oo, o_part_ptr),
                           (state, state_ptr), lead3, T, Dk, Dv)
         if last is not None:  # a time-segmented scan's final state, from the join of the segments
-            if len(parts) == 1:
-                state = last
-            else:
-                state.reshape(n_lead, Dk, Dv)[:, first:first + keys] = last
+            state[:, first:first + keys] = last  # (on the launches' stream: the library's current one)
     state_lead = cs.broadcast_lead(tuple(r.shape for r in (kr, vr, gr, sr) if r is not None))
     return o, cs.final_state(state, lead3, state_lead, Dk, Dv)
 
