@@ -452,17 +452,6 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
         copy_commit();
     };
 
-    // The first key part's outputs of chunk n's steps and the block's columns into L2, a 128-byte line each,
-    // while the second part forms the chunk's decays (a chunk earlier was slower in float16: stop 28).
-    [[maybe_unused]] auto prefetch_part = [&](int n) {
-        const i64 t0 = t_begin + (i64)n * CH;
-        for (int i = threadIdx.x; i < CH * PART_LINES; i += NTHREADS) {
-            const i64 t = t0 + i / PART_LINES;
-            const int c = c0 + (i % PART_LINES) * 32;
-            if (t < t_end && c < Dv) prefetch_l2(o_part + (lead * T + t) * Dv + c);
-        }
-    };
-
     [[maybe_unused]] float state_scale = 1.f;  // the shared state holds S * state_scale
     load_gates(0);
     load_values(0);
@@ -485,7 +474,13 @@ gla_chunk_scan(const ELEM* __restrict__ q, const ELEM* __restrict__ k, const ELE
         copy_wait_but_last();
         __syncthreads();  // chunk n's q, k and g are in shared memory, and so is the state entering it
 #if WRITE_O && O_PART == 2
-        prefetch_part(n);
+        // The first key part's outputs of this chunk's steps and the block's columns into L2, a 128-byte
+        // line each, while the decays are formed (a chunk earlier was slower in float16: stop 28).
+        for (int i = threadIdx.x; i < CH * PART_LINES; i += NTHREADS) {
+            const i64 t = t0 + i / PART_LINES;
+            const int c = c0 + (i % PART_LINES) * 32;
+            if (t < t_end && c < Dv) prefetch_l2(o_part + (lead * T + t) * Dv + c);
+        }
 #endif
 
         // q ⊙ e^{G} and k ⊙ e^{G_C - G} in two parts; e^{G_C}. The decays are products of the
